@@ -1,0 +1,89 @@
+"""The aiohttp application: routes and one cleanup context per resource."""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from fedrpc.auth import Authenticator, RateLimiter
+from fedrpc.context import Services
+from fedrpc.db import Database, load_queries, open_pool, set_json_codec
+from fedrpc.observability import Metrics
+from fedrpc.openrpc import build_document
+from fedrpc.registry import Registry
+from fedrpc.rpc import METRICS, SERVICES, handle_rpc
+from fedrpc.settings import Settings
+from fedrpc.storage import Storage
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", Registry)
+DATABASE = web.AppKey("db", Database)
+STORAGE = web.AppKey("storage", Storage)
+OPENRPC = web.AppKey("openrpc", bytes)
+
+
+def create_app(settings: Settings, registry: Registry | None = None) -> web.Application:
+    if not settings.database_url or not settings.s3_endpoint:
+        raise ValueError("DATABASE_URL and FEDRPC_S3_ENDPOINT must be set")
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry or Registry.from_package()
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_storage)
+    app.cleanup_ctx.append(_services)
+    app.router.add_post("/rpc", handle_rpc)
+    app.router.add_get("/openrpc.json", _openrpc)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _database(app: web.Application):
+    settings: Settings = app[SETTINGS]
+    set_json_codec()
+    pool = open_pool(settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
+    await pool.open(wait=True, timeout=30)
+    app[DATABASE] = Database(pool, load_queries())
+    yield
+    await pool.close()
+
+
+async def _storage(app: web.Application):
+    s: Settings = app[SETTINGS]
+    storage = Storage(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket,
+                      secure=s.s3_secure, region=s.s3_region)
+    await storage.ensure_bucket()
+    app[STORAGE] = storage
+    yield
+
+
+async def _services(app: web.Application):
+    s: Settings = app[SETTINGS]
+    limiter = RateLimiter(s.rate_limit_per_second, s.rate_limit_burst)
+    app[SERVICES] = Services(s, app[DATABASE], app[STORAGE], Authenticator(app[DATABASE], s.auth_cache_seconds),
+                               app[REGISTRY], {"limiter": limiter})
+    app[OPENRPC] = msgspec.json.encode(build_document(app[REGISTRY]))
+    yield
+
+
+async def _openrpc(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENRPC], content_type="application/json")
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    services: Services = request.app[SERVICES]
+    db_ok = await services.db.ping()
+    s3_ok = await services.storage.ping()
+    status = 200 if db_ok and s3_ok else 503
+    return web.json_response({"database": db_ok, "storage": s3_ok}, status=status)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(),
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -1,0 +1,57 @@
+"""What a handler receives besides its params."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedrpc.auth import Authenticator, Principal
+from fedrpc.db import Database
+from fedrpc.errors import Forbidden
+from fedrpc.settings import Settings
+from fedrpc.storage import Storage
+
+if TYPE_CHECKING:
+    from fedrpc.registry import Registry
+
+
+@dataclass(slots=True)
+class Services:
+    """App-wide resources, built once by the app's cleanup contexts."""
+
+    settings: Settings
+    db: Database
+    storage: Storage
+    auth: Authenticator
+    registry: Registry
+    extras: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Context:
+    services: Services
+    principal: Principal
+    request_id: str
+
+    @property
+    def db(self) -> Database:
+        return self.services.db
+
+    @property
+    def storage(self) -> Storage:
+        return self.services.storage
+
+    @property
+    def settings(self) -> Settings:
+        return self.services.settings
+
+    @property
+    def org_id(self) -> str:
+        return self.principal.org_id
+
+    @property
+    def device_id(self) -> str:
+        """The calling device; only methods callable by devices ask for it."""
+        if self.principal.device_id is None:
+            raise Forbidden("only a device may call this method")
+        return self.principal.device_id

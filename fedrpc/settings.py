@@ -1,0 +1,54 @@
+"""Settings, read once from the environment (FEDRPC_* and DATABASE_URL)."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    """Server configuration. Every field maps to an environment variable (see README)."""
+
+    database_url: str | None = None
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_bucket: str = "fedrpc"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: str = ".data"
+    # 32 MB of raw weights is about 43 MB of base64; leave room for the envelope.
+    max_body_bytes: int = 48 * 1024 * 1024
+    max_batch: int = 100
+    max_upload_bytes: int = 512 * 1024 * 1024
+    rate_limit_per_second: float = 200.0
+    rate_limit_burst: int = 400
+    auth_cache_seconds: float = 5.0
+    presign_expiry_seconds: int = 900
+    sync_interval_seconds: int = 60
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    log_level: str = "INFO"
+
+
+ENV_NAMES = {"database_url": "DATABASE_URL"}
+
+
+def env_name(field: str) -> str:
+    return ENV_NAMES.get(field, "FEDRPC_" + field.upper())
+
+
+def settings_from_env(environ: dict[str, str] | None = None, **overrides) -> Settings:
+    """Build Settings from the environment; explicit keyword overrides win."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, object] = {}
+    for field in msgspec.structs.fields(Settings):
+        value = environ.get(env_name(field.name))
+        if value not in (None, ""):
+            raw[field.name] = value
+    raw.update(overrides)
+    # str_values lets "8080" and "true" from the environment become int and bool.
+    return msgspec.convert(raw, Settings, strict=False)

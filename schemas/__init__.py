@@ -1,0 +1,1 @@
+"""msgspec Structs for every method's params and result, on the method's path."""

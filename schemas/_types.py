@@ -1,0 +1,25 @@
+"""Reusable constraint aliases; their constraints show up in rpc.discover."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from msgspec import Meta
+
+Name = Annotated[str, Meta(min_length=1, max_length=128)]
+Description = Annotated[str, Meta(max_length=512)]
+ShortText = Annotated[str, Meta(min_length=1, max_length=64)]
+Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z]+_[0-9a-f]{32}$")]
+OrgId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^org_[0-9a-f]{32}$")]
+DeviceId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^dev_[0-9a-f]{32}$")]
+ModelId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^mdl_[0-9a-f]{32}$")]
+GroupId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^grp_[0-9a-f]{32}$")]
+UploadId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^upl_[0-9a-f]{32}$")]
+KeyId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^key_[0-9a-f]{32}$")]
+Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$", description="lower-case hex sha256")]
+Limit = Annotated[int, Meta(ge=1, le=500)]
+Offset = Annotated[int, Meta(ge=0, le=1_000_000)]
+Version = Annotated[int, Meta(ge=1)]
+Percent = Annotated[int, Meta(ge=0, le=100)]
+Timestamp = datetime
