@@ -118,3 +118,13 @@ CREATE TABLE idempotency_keys (
     created_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (scope, method, key)
 );
+
+-- A version with its artifacts' digests (not their object keys), as the API shows it.
+CREATE VIEW model_version_details AS
+SELECT v.model_id, v.version, v.parent_version, v.round_id, v.strategy, v.num_updates,
+       v.total_samples, v.metrics, v.manifest, v.input_shape, v.description, v.created_at,
+       coalesce((SELECT json_agg(json_build_object('kind', a.kind, 'sha256', a.sha256,
+                                                   'size_bytes', a.size_bytes) ORDER BY a.kind)
+                 FROM model_artifacts AS a
+                 WHERE a.model_id = v.model_id AND a.version = v.version), '[]'::json) AS artifacts
+FROM model_versions AS v;

@@ -1,0 +1,101 @@
+"""Large payloads: inline base64, or an upload made earlier through a presigned PUT.
+
+An upload is claimed when a call reads it, so two calls cannot both use it; a
+call that fails releases its claims, a call that succeeds deletes the uploaded
+objects (their bytes now live under the caller's own keys).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+import msgspec
+
+from fedrpc.context import Context
+from fedrpc.errors import BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed
+from schemas.models.versions import Payload
+
+log = logging.getLogger("fedrpc.payloads")
+
+
+class Upload(msgspec.Struct):
+    id: str
+    org_id: str
+    device_id: str | None
+    object_key: str
+    size_bytes: int
+    sha256: str
+    purpose: str
+    expires_at: datetime
+    consumed_at: datetime | None
+
+
+def upload_key(org_id: str, upload_id: str) -> str:
+    return f"uploads/{org_id}/{upload_id}"
+
+
+async def _claim(ctx: Context, field: str, upload_id: str, purpose: str) -> Upload:
+    upload = await ctx.db.maybe("uploads.find_upload", Upload, upload_id=upload_id)
+    if upload is None:
+        raise NotFound(f"{field}: no upload with this id", field=field)
+    if upload.org_id != ctx.org_id or (ctx.principal.device_id not in (None, upload.device_id)):
+        raise Forbidden(f"{field}: the upload belongs to another caller", field=field)
+    if upload.purpose != purpose:
+        raise BadRequest(f"{field}: the upload was made for {upload.purpose}, not {purpose}", field=field)
+    if upload.consumed_at is not None:
+        raise Conflict(f"{field}: the upload has already been used", field=field)
+    if upload.expires_at <= datetime.now(UTC):
+        raise PreconditionFailed(f"{field}: the upload has expired", field=field)
+    if not await ctx.db.run("uploads.claim_upload", upload_id=upload_id):
+        raise Conflict(f"{field}: the upload has already been used", field=field)
+    return upload
+
+
+async def _read(ctx: Context, field: str, upload: Upload) -> bytes:
+    size = await ctx.storage.size(upload.object_key)
+    if size is None:
+        raise PreconditionFailed(f"{field}: nothing has been uploaded to this upload_id yet", field=field)
+    if size != upload.size_bytes:
+        raise BadRequest(f"{field}: uploaded {size} bytes but declared {upload.size_bytes}", field=field)
+    data = await ctx.storage.get(upload.object_key)
+    if hashlib.sha256(data).hexdigest() != upload.sha256:
+        raise BadRequest(f"{field}: the uploaded bytes do not match the declared sha256", field=field)
+    return data
+
+
+@asynccontextmanager
+async def payload_bytes(ctx: Context, payloads: dict[str, Payload], purpose: str) -> AsyncIterator[dict[str, bytes]]:
+    """The bytes of each named payload; uploads are claimed for the duration of the block."""
+    claimed: list[Upload] = []
+    try:
+        blobs: dict[str, bytes] = {}
+        for field, payload in payloads.items():
+            if (payload.data is None) == (payload.upload_id is None):
+                raise BadRequest(f"{field}: give exactly one of data or upload_id", field=field)
+            if payload.data is not None:
+                if not payload.data:
+                    raise BadRequest(f"{field}: data is empty", field=field)
+                blobs[field] = payload.data
+                continue
+            claimed.append(await _claim(ctx, field, payload.upload_id, purpose))
+            blobs[field] = await _read(ctx, field, claimed[-1])
+        yield blobs
+    except BaseException:
+        for upload in claimed:
+            await ctx.db.run("uploads.release_upload", upload_id=upload.id)
+        raise
+    await discard(ctx, [u.object_key for u in claimed])
+
+
+async def discard(ctx: Context, keys: list[str]) -> None:
+    """Delete objects nobody references any more; a failure only leaves garbage, so it is logged."""
+    if not keys:
+        return
+    try:
+        await ctx.storage.delete(*keys)
+    except Exception:
+        log.warning("could not delete %d unreferenced objects (request %s)", len(keys), ctx.request_id)

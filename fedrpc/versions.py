@@ -1,0 +1,48 @@
+"""Writing a model version: its objects in S3 and its rows in Postgres, all or nothing.
+
+Objects go first under a fresh prefix; the rows follow in one transaction that
+locks the model to number the version. If the transaction fails, the objects
+are deleted again, so no row points at a missing object and no object stays
+without a row.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from fedrpc.context import Context
+from fedrpc.db import jsonb
+from fedrpc.payloads import discard
+from fedrpc.storage import StoredObject
+from schemas.models.versions import ModelVersion
+
+FILENAMES = {"safetensors": "weights.safetensors", "torch": "weights.pt", "onnx": "model.onnx",
+             "program": "program.pt2"}
+
+
+async def publish_version(ctx: Context, model_id: str, artifacts: dict[str, bytes], *,
+                          manifest: list[dict[str, Any]], input_shape: list[int | None],
+                          parent_version: int | None = None, round_id: str | None = None,
+                          strategy: str | None = None, num_updates: int = 0, total_samples: int = 0,
+                          metrics: dict[str, Any] | None = None, description: str = "") -> ModelVersion:
+    prefix = f"models/{model_id}/{secrets.token_hex(12)}"
+    stored: list[tuple[str, StoredObject]] = []
+    try:
+        for kind, data in artifacts.items():
+            stored.append((kind, await ctx.storage.put(f"{prefix}/{FILENAMES[kind]}", data)))
+        async with ctx.db.transaction() as tx:
+            version = await tx.value("models.versions.lock_next_version", model_id=model_id)
+            await tx.run("models.versions.insert_version", model_id=model_id, version=version,
+                         parent_version=parent_version, round_id=round_id, strategy=strategy,
+                         num_updates=num_updates, total_samples=total_samples,
+                         metrics=jsonb(metrics or {}), manifest=jsonb(manifest),
+                         input_shape=jsonb(input_shape), description=description)
+            for kind, obj in stored:
+                await tx.run("models.versions.insert_artifact", model_id=model_id, version=version,
+                             kind=kind, object_key=obj.key, sha256=obj.sha256, size_bytes=obj.size_bytes)
+            return await tx.get("models.versions.get_version", ModelVersion, model_id=model_id, version=version)
+    except BaseException:
+        await discard(ctx, [obj.key for _, obj in stored])
+        raise
+

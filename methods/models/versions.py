@@ -1,0 +1,86 @@
+"""models.versions.*: register base versions, list, read and download them."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+
+from fedrpc.access import model_for_reading, model_for_writing
+from fedrpc.context import Context
+from fedrpc.errors import NotFound
+from fedrpc.fl.artifacts import validate_bundle
+from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, encode_torch, manifest_to_json
+from fedrpc.payloads import payload_bytes
+from fedrpc.registry import ORG, ORG_OR_DEVICE, rpc_method
+from fedrpc.versions import publish_version
+from schemas.models.versions import (
+    CreateParams,
+    DownloadLink,
+    DownloadParams,
+    DownloadResult,
+    GetParams,
+    ListParams,
+    ListResult,
+    ModelVersion,
+)
+
+
+def _checked_artifacts(weights: bytes, encoding: str, onnx: bytes, program: bytes):
+    """Validate the bundle and store the weights in both encodings (runs in a worker thread)."""
+    info = validate_bundle(weights, encoding, onnx, program, np.random.default_rng())
+    state = decode_state_dict(weights, encoding, field="weights")
+    artifacts = {"safetensors": encode_safetensors(state), "torch": encode_torch(state),
+                 "onnx": onnx, "program": program}
+    return info, artifacts
+
+
+@rpc_method(ORG)
+async def create(ctx: Context, p: CreateParams) -> ModelVersion:
+    """Register a version from a state dict, its ONNX graph and its torch.export program."""
+    await model_for_writing(ctx, p.model_id)
+    payloads = {"weights": p.weights, "onnx": p.onnx, "program": p.program}
+    async with payload_bytes(ctx, payloads, "model_artifact") as blobs:
+        info, artifacts = await asyncio.to_thread(_checked_artifacts, blobs["weights"], p.weights_encoding,
+                                                  blobs["onnx"], blobs["program"])
+        return await publish_version(ctx, p.model_id, artifacts, manifest=manifest_to_json(info.manifest),
+                                     input_shape=list(info.input_shape), description=p.description)
+
+
+@rpc_method(ORG_OR_DEVICE)
+async def list_(ctx: Context, p: ListParams) -> ListResult:
+    """A model's versions, newest first."""
+    await model_for_reading(ctx, p.model_id)
+    items = await ctx.db.all("models.versions.list_versions", ModelVersion, model_id=p.model_id,
+                             limit=p.limit, offset=p.offset)
+    return ListResult(items=items, total=await ctx.db.value("models.versions.count_versions", model_id=p.model_id))
+
+
+@rpc_method(ORG_OR_DEVICE)
+async def get(ctx: Context, p: GetParams) -> ModelVersion:
+    """One version (the latest when none is named)."""
+    await model_for_reading(ctx, p.model_id)
+    return await ctx.db.get("models.versions.get_version", ModelVersion, model_id=p.model_id,
+                            version=p.version, missing="no such version of this model")
+
+
+@rpc_method(ORG_OR_DEVICE)
+async def download(ctx: Context, p: DownloadParams) -> DownloadResult:
+    """Presigned GET URLs for a version's artifacts, with their sha256 and the tensor manifest."""
+    version = await get(ctx, GetParams(model_id=p.model_id, version=p.version))
+    objects = await ctx.db.all("models.versions.list_artifact_objects", _Object, model_id=p.model_id,
+                               version=version.version)
+    wanted = [o for o in objects if p.kinds is None or o.kind in p.kinds]
+    if not wanted:
+        raise NotFound("the version has none of the requested artifacts")
+    expires = ctx.settings.presign_expiry_seconds
+    links = [DownloadLink(kind=o.kind, url=ctx.storage.presigned_get(o.object_key, expires), sha256=o.sha256,
+                          size_bytes=o.size_bytes) for o in wanted]
+    return DownloadResult(model_id=p.model_id, version=version.version, manifest=version.manifest,
+                          expires_at=datetime.now(UTC) + timedelta(seconds=expires), artifacts=links)
+
+
+class _Object(DownloadLink, kw_only=True):
+    object_key: str
+    url: str = ""
