@@ -1,0 +1,262 @@
+"""Model-version artifacts: validation at registration and ONNX re-export.
+
+A model version is a state dict, an ONNX graph for the devices and, with the
+base version, a ``torch.export`` program that an org admin supplies. The
+server has no model code: it makes each new version's ONNX by loading the
+program, swapping in the new state dict and exporting again (the recipe in
+``docs/model-artifacts.md``). Swapping ONNX initializers by name is not used
+because exporters fold and rename tensors (BatchNorm statistics, for one).
+
+Both functions are synchronous and CPU bound; the server runs them with
+``asyncio.to_thread``. They keep no state between calls and do not change
+torch's process-wide thread count (export time is Python-bound: 1 and 2
+threads measured the same).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedrpc.fl._dtypes import SUPPORTED_DTYPES, quote_name
+from fedrpc.fl._errors import InvalidInput
+from fedrpc.fl.onnx_models import OnnxModel, load_onnx, rename_batch_dim
+from fedrpc.fl.program_archive import load_program, save_program
+from fedrpc.fl.tensor_codecs import decode_state_dict, to_torch_state
+from fedrpc.fl.tensors import TensorSpec, check_finite, check_matches
+
+__all__ = ["BundleInfo", "export_version", "validate_bundle"]
+
+#: Relative tolerance of every ONNX-vs-torch comparison: |diff| <= RTOL * max(1, max|out|).
+RTOL = 1e-4
+#: Batch sizes of the registration check when the batch dimension is dynamic
+#: (not 1: a graph that mixes samples would still pass at batch size 1).
+_CHECK_BATCHES = (2, 3)
+
+
+@dataclass(frozen=True, slots=True)
+class BundleInfo:
+    """What registration learned about a model version's artifacts.
+
+    ``input_shape`` is the ONNX model's input shape including the batch
+    dimension, with ``None`` where the dimension is dynamic.
+    """
+
+    manifest: list[TensorSpec]
+    input_shape: tuple[int | None, ...]
+    onnx_input_name: str
+    max_abs_diff: float
+
+
+class _Quiet:
+    """Silence, in this block only, the warnings torch's own exporter trips.
+
+    The exporter deep-copies pytree specs, which raises torch's LeafSpec
+    deprecation warning; pytest turns warnings into errors, and a global
+    filter would hide it everywhere. ``catch_warnings`` swaps the process-wide
+    filter list, so two exports in parallel threads can at worst leave this
+    one narrow filter installed or lift it early.
+    """
+
+    def __enter__(self) -> None:
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def _program_manifest(module: Any) -> list[TensorSpec]:
+    specs = []
+    for name, tensor in module.state_dict().items():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in SUPPORTED_DTYPES:
+            raise InvalidInput(
+                f"program_data: tensor {quote_name(name)} has unsupported dtype {dtype}"
+            )
+        specs.append(TensorSpec(name, tuple(int(d) for d in tensor.shape), dtype))
+    return specs
+
+
+def _program_input(program: Any) -> tuple[tuple[int | None, ...], str]:
+    """Shape (``None`` for symbolic dims) and dtype name of the program's one input."""
+    user_inputs = list(program.graph_signature.user_inputs)
+    if len(user_inputs) != 1:
+        raise InvalidInput(
+            f"program_data: the program must take exactly one input, it takes {len(user_inputs)}"
+        )
+    node = next(
+        n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0]
+    )
+    value = node.meta.get("val")
+    if value is None or not hasattr(value, "shape"):
+        raise InvalidInput("program_data: the program's input must be a tensor")
+    shape = tuple(d if isinstance(d, int) else None for d in value.shape)
+    return shape, str(value.dtype).removeprefix("torch.")
+
+
+def _check_input_layout(name: str, shape: tuple[int | None, ...]) -> None:
+    if len(shape) < 1 or any(d is None for d in shape[1:]):
+        raise InvalidInput(f"{name}: only the first (batch) input dimension may be dynamic")
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    if isinstance(value, Mapping):
+        for item in value.values():
+            yield from _leaves(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
+
+
+def _max_abs_diff(
+    module: Any, onnx: OnnxModel, shape: tuple[int, ...], rng: np.random.Generator
+) -> float:
+    """Run both graphs on one random input; the largest |difference|, or raise."""
+    import torch
+
+    x = rng.standard_normal(shape).astype(onnx.input_dtype)
+    try:
+        with torch.no_grad():
+            expected = [t.detach().double().numpy() for t in _leaves(module(torch.from_numpy(x)))]
+    except Exception as exc:
+        raise InvalidInput(
+            f"program_data: the program failed to run on an input of shape {list(shape)}"
+        ) from exc
+    actual = onnx.run(x)
+    if len(actual) != len(expected):
+        raise InvalidInput(f"onnx_data has {len(actual)} outputs, program_data {len(expected)}")
+    scale, diff = 1.0, 0.0
+    for want, got in zip(expected, actual, strict=True):
+        if want.shape != got.shape:
+            raise InvalidInput(
+                f"onnx_data output shape {list(got.shape)} differs from program_data's {list(want.shape)}"
+            )
+        if not np.isfinite(want).all():
+            raise InvalidInput("program_data produces NaN or inf outputs with these weights")
+        if want.size:
+            scale = max(scale, float(np.abs(want).max()))
+            diff = max(diff, float(np.abs(got.astype(np.float64) - want).max()))
+    if not diff <= RTOL * scale:  # written so that NaN fails too
+        raise InvalidInput(
+            f"onnx_data and program_data disagree: max |difference| {diff:.3g} "
+            f"exceeds {RTOL:g} x {scale:.3g} on an input of shape {list(shape)}"
+        )
+    return diff
+
+
+def validate_bundle(
+    state_bytes: bytes,
+    state_encoding: str,
+    onnx_bytes: bytes,
+    program_bytes: bytes,
+    rng: np.random.Generator,
+) -> BundleInfo:
+    """Check that a state dict, an ONNX model and an exported program agree.
+
+    The ONNX model must pass ``onnx.checker`` and load in onnxruntime (CPU),
+    with no external data; the program must be a plain ``torch.export.save``
+    archive whose only input has a dynamic first (batch) dimension; the state
+    dict must have exactly the program's tensor names, shapes and dtypes and
+    hold no NaN/inf; and the program, with the state dict loaded
+    (``strict=True``), and the ONNX model must give the same outputs on random
+    inputs within ``RTOL * max(1, max|output|)``.
+
+    Raises
+    ------
+    InvalidInput
+        Naming the artifact at fault.
+    """
+    state = decode_state_dict(state_bytes, state_encoding, field="weights_data")
+    check_finite(state)
+    onnx = load_onnx(onnx_bytes)
+    program = load_program(program_bytes)
+    with _Quiet():
+        module = program.module()
+    manifest = _program_manifest(module)
+    try:
+        check_matches(state, manifest)
+    except InvalidInput as exc:
+        raise InvalidInput(f"weights_data does not match program_data: {exc}") from None
+    module.load_state_dict(to_torch_state(state), strict=True)
+
+    program_shape, program_dtype = _program_input(program)
+    _check_input_layout("program_data", program_shape)
+    _check_input_layout("onnx_data", onnx.input_shape)
+    if program_shape[0] is not None:
+        raise InvalidInput(
+            "program_data must have a dynamic batch dimension: "
+            "torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},))"
+        )
+    if program_shape[1:] != onnx.input_shape[1:] or program_dtype != onnx.input_dtype.name:
+        raise InvalidInput(
+            f"onnx_data input {list(onnx.input_shape)} {onnx.input_dtype.name} differs from "
+            f"program_data's input {list(program_shape)} {program_dtype}"
+        )
+    batches = _CHECK_BATCHES if onnx.input_shape[0] is None else (onnx.input_shape[0],)
+    diff = max(_max_abs_diff(module, onnx, (b, *onnx.input_shape[1:]), rng) for b in batches)
+    return BundleInfo(manifest, onnx.input_shape, onnx.input_name, diff)
+
+
+def export_version(
+    program_bytes: bytes,
+    new_state: Mapping[str, np.ndarray],
+    batch_sizes: Sequence[int] = (5, 7),
+) -> tuple[bytes, bytes]:
+    """Make a new version's program and ONNX model from the base program.
+
+    ``torch.export.load`` -> ``.module()`` -> ``load_state_dict(new,
+    strict=True)`` -> ``torch.export.export`` with a dynamic batch dimension
+    (example batch ``batch_sizes[0]``) -> ``torch.onnx.export(dynamo=True,
+    external_data=False)``. The result is checked before it is returned:
+    onnxruntime and the re-exported program agree on a fixed pseudo-random
+    input at every size in ``batch_sizes``.
+
+    Returns
+    -------
+    (program_bytes, onnx_bytes)
+        The new ``torch.export.save`` archive and the ONNX model.
+
+    Raises
+    ------
+    InvalidInput
+        ``new_state`` does not match the program or holds NaN/inf.
+    RuntimeError
+        The exporter produced an ONNX model that disagrees with the program
+        (an exporter fault, not the caller's).
+    """
+    import torch
+
+    if not batch_sizes or min(batch_sizes) < 2:
+        raise InvalidInput("batch_sizes must be at least 2 (torch specializes size 1)")
+    program = load_program(program_bytes)
+    shape, dtype = _program_input(program)
+    _check_input_layout("program_data", shape)
+    with _Quiet():
+        module = program.module()
+        manifest = _program_manifest(module)
+        check_matches(new_state, manifest)
+        check_finite(new_state)
+        module.load_state_dict(to_torch_state(new_state), strict=True)
+        example = torch.zeros((batch_sizes[0], *shape[1:]), dtype=getattr(torch, dtype))
+        batch = torch.export.Dim("batch", min=1)
+        exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+        onnx_program = torch.onnx.export(exported, dynamo=True, external_data=False, verbose=False)
+    onnx_bytes = rename_batch_dim(onnx_program.model_proto).SerializeToString()
+    new_program_bytes = save_program(exported)
+
+    onnx = load_onnx(onnx_bytes)
+    rng = np.random.default_rng(0)  # a local, fixed stream: the check must be reproducible
+    for b in batch_sizes:
+        try:
+            _max_abs_diff(module, onnx, (b, *shape[1:]), rng)
+        except InvalidInput as exc:
+            raise RuntimeError(f"re-exported ONNX model failed its check: {exc}") from exc
+    return new_program_bytes, onnx_bytes

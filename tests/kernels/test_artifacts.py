@@ -1,0 +1,256 @@
+"""Model-version validation and ONNX re-export.
+
+References: the test's own torch networks (``tests/kernels/nets.py``) run in
+eval mode, and onnxruntime / onnx.checker on the produced models.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from fedrpc.fl import InvalidInput
+from fedrpc.fl.artifacts import export_version, validate_bundle
+from fedrpc.fl.tensors import encode_safetensors, encode_torch, manifest_of
+from tests.kernels.nets import make_net, numpy_state, onnx_bytes, program_bytes
+
+KINDS = ["mlp", "convbn"]
+
+
+class Bundle:
+    """A base version made the way an org admin would make it."""
+
+    def __init__(self, kind: str) -> None:
+        self.net = make_net(kind, seed=1)
+        self.state = numpy_state(self.net)
+        self.state_bytes = encode_safetensors(self.state)
+        self.program = program_bytes(self.net)
+        self.onnx = onnx_bytes(self.net)
+
+
+@pytest.fixture(scope="module")
+def bundles() -> dict[str, Bundle]:
+    return {kind: Bundle(kind) for kind in KINDS}
+
+
+def validate(state_bytes: bytes, onnx_data: bytes, program: bytes, encoding="safetensors"):
+    return validate_bundle(state_bytes, encoding, onnx_data, program, np.random.default_rng(0))
+
+
+def edit_onnx(data: bytes, change) -> bytes:
+    model = onnx.load_model_from_string(data)
+    change(model)
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("encoding", ["safetensors", "torch"])
+def test_good_bundle_is_accepted(bundles, kind, encoding):
+    b = bundles[kind]
+    state_bytes = encode_torch(b.state) if encoding == "torch" else b.state_bytes
+
+    info = validate(state_bytes, b.onnx, b.program, encoding)
+
+    assert info.manifest == manifest_of(b.state)  # the net's own state_dict order
+    assert info.input_shape == (None, *b.net.input_shape)
+    assert info.onnx_input_name == "x"
+    assert 0 <= info.max_abs_diff <= 1e-4
+
+
+def test_onnx_with_a_static_batch_is_accepted_and_reported(bundles):
+    b = bundles["mlp"]
+
+    def fix_batch(model):
+        for info in (*model.graph.input, *model.graph.output):
+            info.type.tensor_type.shape.dim[0].dim_value = 4
+
+    info = validate(b.state_bytes, edit_onnx(b.onnx, fix_batch), b.program)
+
+    assert info.input_shape == (4, 6)
+
+
+def test_onnx_of_another_net_is_refused(bundles):
+    b = bundles["convbn"]
+
+    with pytest.raises(InvalidInput, match="^onnx_data input .* differs from program_data's input"):
+        validate(b.state_bytes, bundles["mlp"].onnx, b.program)
+
+
+def test_onnx_with_other_weights_is_refused(bundles):
+    b = bundles["mlp"]
+
+    def perturb(model):
+        weight = next(t for t in model.graph.initializer if t.name == "fc2.bias")
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) + 0.01, weight.name))
+
+    with pytest.raises(InvalidInput, match="^onnx_data and program_data disagree"):
+        validate(b.state_bytes, edit_onnx(b.onnx, perturb), b.program)
+
+
+def test_state_dict_of_another_net_is_refused(bundles):
+    b = bundles["convbn"]
+
+    with pytest.raises(InvalidInput, match="^weights_data does not match program_data: missing"):
+        validate(bundles["mlp"].state_bytes, b.onnx, b.program)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("fc.weight", np.zeros((3, 99), np.float32), r"shape of 'fc.weight' is \[3, 99\]"),
+        ("bn.running_var", np.ones(4, np.float64), "dtype of 'bn.running_var' is float64"),
+        ("conv.bias", np.array([0, np.nan, 0, 0], np.float32), "'conv.bias' contains NaN"),
+    ],
+)
+def test_state_dict_with_a_wrong_tensor_is_refused(bundles, name, value, message):
+    b = bundles["convbn"]
+    state = dict(b.state, **{name: value})
+
+    with pytest.raises(InvalidInput, match=message):
+        validate(encode_safetensors(state), b.onnx, b.program)
+
+
+def test_state_dict_different_from_the_onnx_weights_is_refused(bundles):
+    b = bundles["convbn"]
+    other = encode_safetensors(numpy_state(make_net("convbn", seed=9)))
+
+    with pytest.raises(InvalidInput, match="^onnx_data and program_data disagree"):
+        validate(other, b.onnx, b.program)
+
+
+def _external(model):
+    tensor = model.graph.initializer[0]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "weights.bin"
+
+
+def _unknown_op(model):
+    model.graph.node[0].op_type = "NoSuchOp"
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda d: d[: len(d) // 2], "^onnx_data is not a valid ONNX model"),
+        (lambda d: np.random.default_rng(3).bytes(2000), "^onnx_data is not a valid ONNX model"),
+        (lambda d: b"", "^onnx_data is not a valid ONNX model"),
+        (lambda d: edit_onnx(d, _external), "^onnx_data refers to external data"),
+        (lambda d: edit_onnx(d, _unknown_op), "^onnx_data is not a valid ONNX model .onnx.checker"),
+    ],
+    ids=["truncated", "random", "empty", "external-data", "unknown-op"],
+)
+def test_corrupt_onnx_is_refused(bundles, corrupt, message):
+    b = bundles["mlp"]
+
+    with pytest.raises(InvalidInput, match=message):
+        validate(b.state_bytes, corrupt(b.onnx), b.program)
+
+
+def _rezip(data: bytes, extra: dict[str, bytes] | None = None, compress: bool = False) -> bytes:
+    source = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(out, "w", compression=method) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+        for name, payload in (extra or {}).items():
+            target.writestr(name, payload)
+    return out.getvalue()
+
+
+def _pickled_sample_inputs(data: bytes) -> bytes:
+    class Payload:
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    source = zipfile.ZipFile(io.BytesIO(data))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            payload = source.read(info)
+            if info.filename.endswith("sample_inputs/model.pt"):
+                buffer = io.BytesIO()
+                torch.save(((Payload(),), {}), buffer)
+                payload = buffer.getvalue()
+            target.writestr(info.filename, payload)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda d: d[: len(d) // 2], "not a zip archive"),
+        (lambda d: np.random.default_rng(4).bytes(2000), "not a zip archive"),
+        (
+            lambda d: _rezip(d, {"archive/data/aotinductor/model/x.so": b"\x7fELF"}),
+            "unexpected entry",
+        ),
+        (lambda d: _rezip(d, compress=True), "compressed entries"),
+        (_pickled_sample_inputs, "sample inputs are not plain tensors"),
+    ],
+    ids=["truncated", "random", "native-code", "compressed", "pickled-inputs"],
+)
+def test_corrupt_program_is_refused(bundles, corrupt, message):
+    b = bundles["mlp"]
+
+    with pytest.raises(
+        InvalidInput, match="^program_data is not a plain torch.export.save archive: " + message
+    ):
+        validate(b.state_bytes, b.onnx, corrupt(b.program))
+
+
+def test_program_without_a_dynamic_batch_is_refused(bundles):
+    b = bundles["mlp"]
+
+    with pytest.raises(InvalidInput, match="^program_data must have a dynamic batch dimension"):
+        validate(b.state_bytes, b.onnx, program_bytes(b.net, dynamic=False))
+
+
+def _reference_close(net: torch.nn.Module, onnx_data: bytes, batch: int, rng) -> float:
+    session = ort.InferenceSession(onnx_data, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((batch, *net.input_shape)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).double().numpy()
+    (actual,) = session.run(None, {session.get_inputs()[0].name: x})
+    return float(np.abs(actual - expected).max()) / max(1.0, float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_version_reproduces_the_net_with_new_weights(bundles, kind):
+    new_net = make_net(kind, seed=2)  # eval mode, BatchNorm statistics random too
+    new_state = numpy_state(new_net)
+
+    # The server calls export_version from a worker thread (asyncio.to_thread).
+    with ThreadPoolExecutor(1) as pool:
+        program, onnx_data = pool.submit(export_version, bundles[kind].program, new_state).result()
+
+    onnx.checker.check_model(onnx.load_model_from_string(onnx_data), full_check=True)
+    rng = np.random.default_rng(5)
+    for batch in (5, 7):
+        assert _reference_close(new_net, onnx_data, batch, rng) <= 1e-4
+    info = validate(encode_safetensors(new_state), onnx_data, program)  # a version is a bundle too
+    assert info.input_shape == (None, *new_net.input_shape)
+
+
+def test_export_version_refuses_a_state_that_does_not_fit_the_program(bundles):
+    state = numpy_state(make_net("mlp", seed=2))
+
+    with pytest.raises(InvalidInput, match="missing tensor 'conv.weight'"):
+        export_version(bundles["convbn"].program, state)
+
+
+def test_export_version_refuses_non_finite_weights(bundles):
+    state = numpy_state(make_net("mlp", seed=2))
+    state["fc1.weight"][0, 0] = np.inf
+
+    with pytest.raises(InvalidInput, match="'fc1.weight' contains NaN or infinite values"):
+        export_version(bundles["mlp"].program, state)
