@@ -1,23 +1,63 @@
-"""Who may see which model: one place, so every namespace applies the same rule."""
+"""Who may see what: one place, so every namespace applies the same rules.
+
+An organization reads its own models and the models shared into federations
+it is an active member of; its devices read what it reads. Only the owner
+changes a model or a federation.
+"""
 
 from __future__ import annotations
 
+import msgspec
+
 from fedrpc.context import Context
 from fedrpc.errors import Forbidden
+from schemas.federations import Federation
 from schemas.models import Model
 
 
 async def model_for_reading(ctx: Context, model_id: str) -> Model:
     """The model, if the caller's organization (or one of its devices) may read it."""
     model = await ctx.db.get("models.find_model", Model, model_id=model_id, missing="no model with this id")
-    if model.org_id != ctx.org_id:
+    if model.org_id != ctx.org_id and not await ctx.db.value(
+        "federations.models.find_member_share", model_id=model_id, org_id=ctx.org_id
+    ):
         raise Forbidden("the organization does not own this model")
     return model
 
 
 async def model_for_writing(ctx: Context, model_id: str) -> Model:
-    """The model, if the caller is its organization (devices never write models)."""
-    model = await model_for_reading(ctx, model_id)
-    if ctx.principal.kind != "org":
-        raise Forbidden("only the owning organization may change a model")
+    """The model, if the caller is the organization that owns it."""
+    model = await ctx.db.get("models.find_model", Model, model_id=model_id, missing="no model with this id")
+    if model.org_id != ctx.org_id or ctx.principal.kind != "org":
+        raise Forbidden("the organization does not own this model")
     return model
+
+
+class FederationRole(Federation, kw_only=True):
+    role: str  # owner | active | invited | none
+
+
+async def federation_role(ctx: Context, federation_id: str) -> FederationRole:
+    return await ctx.db.get("federations.find_federation_role", FederationRole, federation_id=federation_id,
+                            org_id=ctx.org_id, missing="no federation with this id")
+
+
+async def federation_for_member(ctx: Context, federation_id: str) -> Federation:
+    """The federation, if the caller's organization owns it or is an active member."""
+    found = await federation_role(ctx, federation_id)
+    if found.role not in ("owner", "active"):
+        raise Forbidden("the organization is not a member of this federation")
+    return _plain(found)
+
+
+async def federation_for_owner(ctx: Context, federation_id: str) -> Federation:
+    """The federation, if the caller's organization owns it."""
+    found = await federation_role(ctx, federation_id)
+    if found.role != "owner":
+        raise Forbidden("the organization does not own this federation")
+    return _plain(found)
+
+
+def _plain(found: FederationRole) -> Federation:
+    fields = {f: getattr(found, f) for f in Federation.__struct_fields__}
+    return msgspec.convert(fields, Federation)

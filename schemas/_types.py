@@ -16,6 +16,8 @@ DeviceId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^dev_[0-9a
 ModelId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^mdl_[0-9a-f]{32}$")]
 GroupId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^grp_[0-9a-f]{32}$")]
 UploadId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^upl_[0-9a-f]{32}$")]
+FederationId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^fed_[0-9a-f]{32}$")]
+RoundId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^rnd_[0-9a-f]{32}$")]
 KeyId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^key_[0-9a-f]{32}$")]
 Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$", description="lower-case hex sha256")]
 Limit = Annotated[int, Meta(ge=1, le=500)]
@@ -23,3 +25,9 @@ Offset = Annotated[int, Meta(ge=0, le=1_000_000)]
 Version = Annotated[int, Meta(ge=1)]
 Percent = Annotated[int, Meta(ge=0, le=100)]
 Timestamp = datetime
+# Finite by construction: JSON has no NaN, and an upper bound keeps 1e999 (inf) out.
+Epsilon = Annotated[float, Meta(gt=0, le=1e6, description="privacy loss epsilon")]
+Delta = Annotated[float, Meta(gt=0, lt=1, description="privacy failure probability delta")]
+NoiseMultiplier = Annotated[float, Meta(gt=0, le=1e6)]
+SampleRate = Annotated[float, Meta(gt=0, le=1)]
+Steps = Annotated[int, Meta(ge=1, le=100_000_000)]

@@ -128,3 +128,13 @@ async def org(make_org) -> OrgHandle:
 @pytest.fixture
 async def other_org(make_org) -> OrgHandle:
     return await make_org("globex")
+
+
+DEVICE_DEFAULTS = {"platform": "android", "os_version": "14", "model": "Pixel 8", "app_version": "1.0.0",
+                   "capabilities": {"battery_pct": 80, "charging": True, "network_type": "wifi",
+                                    "available_storage_mb": 2048}}
+
+
+async def register_device(client: RpcClient, org_token: str, **overrides: Any) -> dict:
+    """A registered device (its result, with `token`)."""
+    return await client.ok("devices.register", {**DEVICE_DEFAULTS, **overrides}, org_token)

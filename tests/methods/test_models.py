@@ -13,6 +13,7 @@ import safetensors.numpy
 import torch
 from minio import Minio
 
+from tests.conftest import register_device
 from tests.kernels.nets import make_net, numpy_state, onnx_bytes, program_bytes
 
 
@@ -156,8 +157,7 @@ async def test_payload_needs_exactly_one_source(client, org, model, mlp_bundle):
 
 
 async def test_devices_cannot_register_versions(client, org, model, mlp_bundle):
-    device = await client.ok("devices.register", {"platform": "android", "os_version": "14", "model": "Pixel",
-                                                  "app_version": "1.0.0"}, org.token)
+    device = await register_device(client, org.token)
     error = await client.error("models.versions.create", {"model_id": model["id"], **inline(mlp_bundle[1])},
                                device["token"])
     assert error["data"]["type"] == "forbidden"

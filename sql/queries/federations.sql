@@ -1,0 +1,77 @@
+-- name: insert_federation
+-- A new federation with its (optional) budget.
+INSERT INTO federations (id, name, description, owner_org_id, total_epsilon_budget, total_delta_budget)
+VALUES (%(id)s, %(name)s, %(description)s, %(owner_org_id)s, %(total_epsilon_budget)s, %(total_delta_budget)s)
+RETURNING id, name, description, owner_org_id, total_epsilon_budget, total_delta_budget, created_at, updated_at;
+
+-- name: insert_owner_membership
+-- The owner is the federation's first active member.
+INSERT INTO federation_members (id, federation_id, org_id, status, joined_at)
+VALUES (%(id)s, %(federation_id)s, %(org_id)s, 'active', now());
+
+-- name: find_federation_role
+-- A federation and the role of one organization in it: owner, active, invited or none.
+SELECT f.id, f.name, f.description, f.owner_org_id, f.total_epsilon_budget, f.total_delta_budget,
+       f.created_at, f.updated_at,
+       CASE WHEN f.owner_org_id = %(org_id)s THEN 'owner' ELSE coalesce(m.status, 'none') END AS role
+FROM federations AS f
+LEFT JOIN federation_members AS m ON m.federation_id = f.id AND m.org_id = %(org_id)s
+WHERE f.id = %(federation_id)s;
+
+-- name: list_federations
+-- The federations an organization owns or is an active member of, newest first.
+SELECT f.id, f.name, f.description, f.owner_org_id, f.total_epsilon_budget, f.total_delta_budget,
+       f.created_at, f.updated_at
+FROM federations AS f
+JOIN federation_members AS m ON m.federation_id = f.id AND m.org_id = %(org_id)s AND m.status = 'active'
+WHERE %(name)s::text IS NULL OR f.name ILIKE '%%' || %(name)s || '%%'
+ORDER BY f.created_at DESC, f.id
+LIMIT %(limit)s OFFSET %(offset)s;
+
+-- name: count_federations
+-- How many federations list_federations pages through.
+SELECT count(*)
+FROM federations AS f
+JOIN federation_members AS m ON m.federation_id = f.id AND m.org_id = %(org_id)s AND m.status = 'active'
+WHERE %(name)s::text IS NULL OR f.name ILIKE '%%' || %(name)s || '%%';
+
+-- name: count_orgs
+-- How many of the given organization ids exist.
+SELECT count(*) FROM orgs WHERE id = ANY(%(org_ids)s);
+
+-- name: upsert_invitations
+-- Invite organizations; an existing row (invited or active) is returned unchanged.
+WITH wanted AS (
+    SELECT DISTINCT unnest(%(org_ids)s::text[]) AS org_id
+), inserted AS (
+    INSERT INTO federation_members (id, federation_id, org_id, status)
+    SELECT 'inv_' || md5(random()::text || clock_timestamp()::text || w.org_id), %(federation_id)s, w.org_id, 'invited'
+    FROM wanted AS w
+    ON CONFLICT (federation_id, org_id) DO NOTHING
+    RETURNING id, federation_id, org_id, status, created_at, updated_at, joined_at
+)
+SELECT * FROM inserted
+UNION ALL
+SELECT m.id, m.federation_id, m.org_id, m.status, m.created_at, m.updated_at, m.joined_at
+FROM federation_members AS m JOIN wanted AS w ON w.org_id = m.org_id
+WHERE m.federation_id = %(federation_id)s AND m.org_id NOT IN (SELECT org_id FROM inserted)
+ORDER BY org_id;
+
+-- name: update_membership_joined
+-- Accept an invitation; an active membership stays as it is.
+UPDATE federation_members
+SET status = 'active', joined_at = coalesce(joined_at, now()),
+    updated_at = CASE WHEN status = 'active' THEN updated_at ELSE now() END
+WHERE federation_id = %(federation_id)s AND org_id = %(org_id)s
+RETURNING id, federation_id, org_id, status, created_at, updated_at, joined_at;
+
+-- name: list_members
+-- Members and their contributions. Training updates arrive with the rounds
+-- issue; until then the statistics are zero and null, never stored counters.
+SELECT m.org_id, m.status, m.joined_at,
+       0 AS rounds_contributed, 0 AS total_samples,
+       NULL::double precision AS avg_accuracy, NULL::double precision AS avg_loss,
+       NULL::timestamptz AS last_contribution_at
+FROM federation_members AS m
+WHERE m.federation_id = %(federation_id)s
+ORDER BY m.created_at, m.org_id;
