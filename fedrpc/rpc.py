@@ -11,6 +11,7 @@ text.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
 import re
@@ -124,6 +125,8 @@ def _parse(body: bytes, services: Services, request_id: str) -> tuple[list[Call]
         return protocol_error_object(INVALID_REQUEST, request_id, "the body must be a JSON object or array")
     except msgspec.DecodeError:
         return protocol_error_object(PARSE_ERROR, request_id, "the body is not valid JSON")
+    except RecursionError:
+        return protocol_error_object(PARSE_ERROR, request_id, "the body nests arrays or objects too deeply")
     if isinstance(decoded, Envelope):
         return [_check(decoded, services, request_id)], False
     if not decoded:
@@ -134,7 +137,7 @@ def _parse(body: bytes, services: Services, request_id: str) -> tuple[list[Call]
     for raw in decoded:
         try:
             calls.append(_check(_member_decoder.decode(raw), services, request_id))
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             calls.append(Call(None, protocol_error_object(INVALID_REQUEST, request_id, "a batch member must be an object")))
     return calls, True
 
@@ -184,8 +187,9 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
             match = _PATH.search(text)
             return Error(**protocol_error_object(INVALID_PARAMS, request_id, _PATH.sub("", text),
                                                  path=match.group(1) if match else "$"))
-        except msgspec.DecodeError:
-            return Error(**protocol_error_object(INVALID_PARAMS, request_id, "params are not valid JSON"))
+        except (msgspec.DecodeError, RecursionError):
+            return Error(**protocol_error_object(INVALID_PARAMS, request_id,
+                                                 "params are not valid JSON or nest too deeply"))
         return Success(msgspec.Raw(await _invoke(ctx, spec, params)))
     except AppError as exc:
         return Error(**app_error_object(exc, request_id))
@@ -195,6 +199,10 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
         log.exception("unhandled error in %s (request %s)", spec.name, request_id)
         return Error(**protocol_error_object(INTERNAL_ERROR, request_id, "the server failed to complete the call"))
 
+
+# jsonrpcserver checks every call with inspect.signature(target).bind(...); a
+# precomputed signature spares it rebuilding one from the code object each time.
+_jsonrpc_target.__signature__ = inspect.signature(_jsonrpc_target)  # type: ignore[attr-defined]
 
 
 async def _dispatch(services: Services, principal, call: Call, request_id: str, metrics: Metrics) -> bytes | None:

@@ -1,0 +1,84 @@
+-- name: insert_device
+-- A new device and its group memberships in one statement; only the token's hash is stored.
+WITH device AS (
+    INSERT INTO devices (id, org_id, token_hash, platform, os_version, model, app_version,
+                         battery_pct, charging, network_type, available_storage_mb)
+    VALUES (%(id)s, %(org_id)s, %(token_hash)s, %(platform)s, %(os_version)s, %(model)s,
+            %(app_version)s, %(battery_pct)s, %(charging)s, %(network_type)s,
+            %(available_storage_mb)s)
+    RETURNING id, org_id, platform, os_version, model, app_version, battery_pct, charging,
+              network_type, available_storage_mb, reported_state, registered_at, last_seen_at,
+              revoked_at
+), members AS (
+    INSERT INTO device_group_members (group_id, device_id)
+    SELECT DISTINCT g.id, device.id
+    FROM device, unnest(%(group_ids)s::text[]) AS g (id)
+    RETURNING group_id
+)
+SELECT d.id, d.org_id, d.platform, d.os_version, d.model, d.app_version, d.battery_pct,
+       d.charging, d.network_type, d.available_storage_mb, d.reported_state AS state,
+       ARRAY(SELECT m.group_id FROM members AS m ORDER BY m.group_id) AS group_ids,
+       d.registered_at, d.last_seen_at, d.revoked_at
+FROM device AS d;
+
+-- name: get_device
+-- One device with the groups it belongs to.
+SELECT d.id, d.org_id, d.platform, d.os_version, d.model, d.app_version, d.battery_pct,
+       d.charging, d.network_type, d.available_storage_mb, d.reported_state AS state,
+       ARRAY(SELECT m.group_id FROM device_group_members AS m
+             WHERE m.device_id = d.id ORDER BY m.group_id) AS group_ids,
+       d.registered_at, d.last_seen_at, d.revoked_at
+FROM devices AS d
+WHERE d.id = %(device_id)s;
+
+-- name: list_devices
+-- An organization's devices matching the filters (a null filter matches all), newest first.
+SELECT d.id, d.org_id, d.platform, d.os_version, d.model, d.app_version, d.battery_pct,
+       d.charging, d.network_type, d.available_storage_mb, d.reported_state AS state,
+       ARRAY(SELECT m.group_id FROM device_group_members AS m
+             WHERE m.device_id = d.id ORDER BY m.group_id) AS group_ids,
+       d.registered_at, d.last_seen_at, d.revoked_at
+FROM devices AS d
+WHERE d.org_id = %(org_id)s
+  AND (%(platform)s::text IS NULL OR d.platform = %(platform)s)
+  AND (%(network_type)s::text IS NULL OR d.network_type = %(network_type)s)
+  AND (%(charging)s::boolean IS NULL OR d.charging = %(charging)s)
+  AND (%(min_battery)s::integer IS NULL OR d.battery_pct >= %(min_battery)s)
+  AND (%(seen_within_seconds)s::integer IS NULL
+       OR d.last_seen_at >= now() - make_interval(secs => %(seen_within_seconds)s))
+  AND (%(device_group_id)s::text IS NULL OR EXISTS (
+       SELECT 1 FROM device_group_members AS m
+       WHERE m.group_id = %(device_group_id)s AND m.device_id = d.id))
+ORDER BY d.registered_at DESC, d.id
+LIMIT %(limit)s OFFSET %(offset)s;
+
+-- name: count_devices
+-- How many devices list_devices would page through.
+SELECT count(*) FROM devices AS d
+WHERE d.org_id = %(org_id)s
+  AND (%(platform)s::text IS NULL OR d.platform = %(platform)s)
+  AND (%(network_type)s::text IS NULL OR d.network_type = %(network_type)s)
+  AND (%(charging)s::boolean IS NULL OR d.charging = %(charging)s)
+  AND (%(min_battery)s::integer IS NULL OR d.battery_pct >= %(min_battery)s)
+  AND (%(seen_within_seconds)s::integer IS NULL
+       OR d.last_seen_at >= now() - make_interval(secs => %(seen_within_seconds)s))
+  AND (%(device_group_id)s::text IS NULL OR EXISTS (
+       SELECT 1 FROM device_group_members AS m
+       WHERE m.group_id = %(device_group_id)s AND m.device_id = d.id));
+
+-- name: list_device_owners
+-- The organization of each device among the ids (unknown ids have no row).
+SELECT id, org_id FROM devices WHERE id = ANY(%(device_ids)s::text[]);
+
+-- name: update_device_state
+-- The heartbeat: mark the device seen and store what it reported (null keeps the stored value).
+UPDATE devices SET
+    last_seen_at = now(),
+    battery_pct = coalesce(%(battery_pct)s, battery_pct),
+    charging = coalesce(%(charging)s, charging),
+    network_type = coalesce(%(network_type)s, network_type),
+    available_storage_mb = coalesce(%(available_storage_mb)s, available_storage_mb),
+    app_version = coalesce(%(app_version)s, app_version),
+    reported_state = coalesce(%(state)s::jsonb, reported_state)
+WHERE id = %(device_id)s AND revoked_at IS NULL
+RETURNING last_seen_at;
