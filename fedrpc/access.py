@@ -13,6 +13,7 @@ from fedrpc.context import Context
 from fedrpc.errors import Forbidden
 from schemas.federations import Federation
 from schemas.models import Model
+from schemas.training import Round
 
 
 async def model_for_reading(ctx: Context, model_id: str) -> Model:
@@ -61,3 +62,24 @@ async def federation_for_owner(ctx: Context, federation_id: str) -> Federation:
 def _plain(found: FederationRole) -> Federation:
     fields = {f: getattr(found, f) for f in Federation.__struct_fields__}
     return msgspec.convert(fields, Federation)
+
+
+class RoundRole(Round, kw_only=True):
+    role: str  # owner | member | none
+
+
+async def round_for_reading(ctx: Context, round_id: str) -> RoundRole:
+    """The round, if the caller's organization runs it or is an active member of its federation."""
+    found = await ctx.db.get("training.find_round", RoundRole, round_id=round_id, org_id=ctx.org_id,
+                             missing="no round with this id")
+    if found.role == "none":
+        raise Forbidden("the organization does not own this round")
+    return found
+
+
+async def round_for_owner(ctx: Context, round_id: str) -> RoundRole:
+    """The round, if the caller's organization runs it."""
+    found = await round_for_reading(ctx, round_id)
+    if found.role != "owner":
+        raise Forbidden("the organization does not own this round")
+    return found

@@ -142,6 +142,10 @@ class Database:
     async def all(self, query: str, type_: type[T], /, **params: Any) -> list[T]:
         return msgspec.convert(await self._rows(query, params), list[type_])
 
+    async def column(self, query: str, /, **params: Any) -> list[Any]:
+        """The first column of every row."""
+        return [next(iter(row.values())) for row in await self._rows(query, params)]
+
     async def value(self, query: str, /, **params: Any) -> Any:
         """The first column of the first row, or None when there is no row."""
         rows = await self._rows(query, params)

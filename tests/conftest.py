@@ -137,4 +137,6 @@ DEVICE_DEFAULTS = {"platform": "android", "os_version": "14", "model": "Pixel 8"
 
 async def register_device(client: RpcClient, org_token: str, **overrides: Any) -> dict:
     """A registered device (its result, with `token`)."""
-    return await client.ok("devices.register", {**DEVICE_DEFAULTS, **overrides}, org_token)
+    capabilities = {**DEVICE_DEFAULTS["capabilities"], **overrides.pop("capabilities", {})}
+    return await client.ok("devices.register", {**DEVICE_DEFAULTS, **overrides, "capabilities": capabilities},
+                           org_token)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 
@@ -14,33 +13,7 @@ import torch
 from minio import Minio
 
 from tests.conftest import register_device
-from tests.kernels.nets import make_net, numpy_state, onnx_bytes, program_bytes
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-@pytest.fixture(scope="session")
-def mlp_bundle():
-    net = make_net("mlp", seed=1)
-    return net, {"weights": _safetensors(numpy_state(net)), "onnx": onnx_bytes(net), "program": program_bytes(net)}
-
-
-@pytest.fixture(scope="session")
-def convbn_bundle():
-    net = make_net("convbn", seed=2)
-    return net, {"weights": _safetensors(numpy_state(net)), "onnx": onnx_bytes(net), "program": program_bytes(net)}
-
-
-def _safetensors(state: dict[str, np.ndarray]) -> bytes:
-    return safetensors.numpy.save(state)
-
-
-def inline(bundle: dict[str, bytes], **override) -> dict:
-    parts = {**bundle, **override}
-    return {"weights": {"data": b64(parts["weights"])}, "onnx": {"data": b64(parts["onnx"])},
-            "program": {"data": b64(parts["program"])}}
+from tests.methods.conftest import inline
 
 
 def bucket_keys(settings, prefix: str = "") -> list[str]:

@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta, field
+
+from schemas._base import MutatingParams, Params, Result
+from schemas._types import (
+    FederationId,
+    GroupId,
+    Limit,
+    ModelId,
+    NoiseMultiplier,
+    Offset,
+    Percent,
+    RoundId,
+    Version,
+)
+
+RoundState = Literal["pending", "selected", "running", "aggregating", "completed", "cancelled", "failed"]
+StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedmedian",
+                       "fedtrimmedavg", "krum", "multikrum", "bulyan"]
+Finite = Annotated[float, Meta(ge=-1e12, le=1e12)]
+Reason = Annotated[str, Meta(min_length=1, max_length=512)]
+AppVersion = Annotated[str, Meta(pattern=r"^\d+(\.\d+){0,3}$", max_length=32)]
+
+
+class Strategy(Params, kw_only=True):
+    """How the server combines updates, and the strategy's parameters (see docs/aggregation.md)."""
+
+    name: StrategyName = "fedavg"
+    params: dict[str, Finite] = {}
+
+
+class ClientConfig(Params, kw_only=True):
+    """Hyperparameters the devices train with."""
+
+    epochs: Annotated[int, Meta(ge=1, le=1000)] = 1
+    batch_size: Annotated[int, Meta(ge=1, le=65536)] = 32
+    learning_rate: Annotated[float, Meta(gt=0, le=100)] = 0.01
+    proximal_mu: Annotated[float, Meta(ge=0, le=1e6)] = 0.0
+
+
+class DpConfig(Params, kw_only=True):
+    """Central differential privacy applied at aggregation."""
+
+    noise_multiplier: NoiseMultiplier
+    clipping_norm: Annotated[float, Meta(gt=0, le=1e6)]
+
+
+class SecAggConfig(Params, kw_only=True):
+    """SecAgg+ parameters (the protocol itself is a later issue)."""
+
+    threshold: Annotated[int, Meta(ge=2)]
+    neighbours: Annotated[int, Meta(ge=2)] | None = None
+
+
+class CreateRoundParams(MutatingParams, kw_only=True):
+    """Create a training round in state `pending`."""
+
+    model_id: ModelId
+    base_version: Version
+    federation_id: FederationId | None = None
+    target_device_count: Annotated[int, Meta(ge=1, le=100_000)]
+    min_updates: Annotated[int, Meta(ge=1, le=100_000)] = 1
+    deadline_seconds: Annotated[int, Meta(ge=10, le=30 * 86400)] = 3600
+    update_format: Literal["delta", "weights"] = "delta"
+    strategy: Strategy = field(default_factory=Strategy)
+    client_config: ClientConfig = field(default_factory=ClientConfig)
+    differential_privacy: DpConfig | None = None
+    secure_aggregation: SecAggConfig | None = None
+    auto_aggregate: bool = False
+
+
+class Round(Result, kw_only=True):
+    id: str
+    org_id: str
+    model_id: str
+    base_version: int
+    federation_id: str | None
+    state: RoundState
+    target_device_count: int
+    min_updates: int
+    deadline_seconds: int
+    update_format: str
+    strategy: str
+    strategy_params: dict[str, Any]
+    client_config: dict[str, Any]
+    dp_config: dict[str, Any] | None
+    secagg_config: dict[str, Any] | None
+    auto_aggregate: bool
+    selection_seed: int | None
+    selection_criteria: dict[str, Any] | None
+    eligible_count: int | None
+    started_at: datetime | None
+    deadline_at: datetime | None
+    finished_at: datetime | None
+    cancel_reason: str | None
+    failure_reason: str | None
+    result_version: int | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class RoundDetail(Round, kw_only=True):
+    selected_devices: list[str]
+
+
+class GetRoundParams(Params):
+    """A round with the devices selected for it."""
+
+    round_id: RoundId
+
+
+class ListRoundsParams(Params):
+    """Rounds of the caller's organization and of the federations it is an active member of."""
+
+    model_id: ModelId | None = None
+    federation_id: FederationId | None = None
+    state: RoundState | None = None
+    limit: Limit = 50
+    offset: Offset = 0
+
+
+class ListRoundsResult(Result):
+    items: list[Round]
+    total: int
+
+
+class ProgressParams(Params):
+    """Counts for polling a round: one cheap query."""
+
+    round_id: RoundId
+
+
+class Progress(Result, kw_only=True):
+    round_id: str
+    state: RoundState
+    selected_count: int
+    received_count: int
+    total_samples: int
+    deadline: datetime | None
+    seconds_remaining: float | None
+
+
+class Criteria(Params, kw_only=True):
+    """Which devices are eligible; all given conditions must hold."""
+
+    platform: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
+    device_group_id: GroupId | None = None
+    min_battery: Percent | None = None
+    charging: bool | None = None
+    network_type: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
+    heartbeat_max_age_seconds: Annotated[int, Meta(ge=1)] | None = None
+    min_app_version: AppVersion | None = None
+    max_app_version: AppVersion | None = None
+    fraction: Annotated[float, Meta(gt=0, le=1)] | None = None
+    stratify_by_platform: bool = False
+
+
+class SelectDevicesParams(MutatingParams, kw_only=True):
+    """Pick devices for a pending round, uniformly at random among the eligible ones."""
+
+    round_id: RoundId
+    criteria: Criteria = field(default_factory=Criteria)
+
+
+class SelectDevicesResult(Result, kw_only=True):
+    round_id: str
+    state: RoundState
+    selected: list[str]
+    eligible_count: int
+    selection_seed: int
+
+
+class StartRoundParams(MutatingParams, kw_only=True):
+    """Start a pending or selected round: devices get offers, the deadline starts."""
+
+    round_id: RoundId
+
+
+class CancelRoundParams(MutatingParams, kw_only=True):
+    """Cancel a round that has not finished; its updates will never be aggregated."""
+
+    round_id: RoundId
+    reason: Reason = "cancelled by the organization"

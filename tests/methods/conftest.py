@@ -1,0 +1,45 @@
+"""Model fixtures shared by the method tests: real networks, real exported artifacts."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from tests.kernels.nets import make_net, numpy_state, onnx_bytes, program_bytes
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _bundle(kind: str, seed: int):
+    net = make_net(kind, seed=seed)
+    state: dict[str, np.ndarray] = numpy_state(net)
+    return net, {"weights": safetensors.numpy.save(state), "onnx": onnx_bytes(net), "program": program_bytes(net)}
+
+
+@pytest.fixture(scope="session")
+def mlp_bundle():
+    return _bundle("mlp", 1)
+
+
+@pytest.fixture(scope="session")
+def convbn_bundle():
+    return _bundle("convbn", 2)
+
+
+def inline(bundle: dict[str, bytes], **override) -> dict:
+    parts = {**bundle, **override}
+    return {"weights": {"data": b64(parts["weights"])}, "onnx": {"data": b64(parts["onnx"])},
+            "program": {"data": b64(parts["program"])}}
+
+
+@pytest.fixture
+async def mlp_model(client, org, mlp_bundle) -> dict:
+    """A model of `org` with version 1 registered from the MLP bundle."""
+    model = await client.ok("models.create", {"name": "mlp"}, org.token)
+    await client.ok("models.versions.create", {"model_id": model["id"], **inline(mlp_bundle[1])}, org.token)
+    return model
