@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
 
 import msgspec
 
@@ -20,6 +22,8 @@ from schemas.devices import (
     Owner,
     RegisterParams,
     RegisterResult,
+    RoundOffer,
+    StopRound,
     SyncParams,
     SyncResult,
 )
@@ -109,8 +113,9 @@ async def sync(ctx: Context, p: SyncParams) -> SyncResult:
         raise PayloadTooLarge(
             f"state must be at most {STATE_MAX_BYTES} bytes as JSON", max_bytes=STATE_MAX_BYTES
         )
-    seen_at = await ctx.db.value(
+    beat = await ctx.db.maybe(
         "devices.update_device_state",
+        Heartbeat,
         device_id=ctx.device_id,
         battery_pct=p.battery_pct,
         charging=p.charging,
@@ -119,11 +124,22 @@ async def sync(ctx: Context, p: SyncParams) -> SyncResult:
         app_version=p.app_version,
         state=None if state is None else state.decode(),
     )
-    if seen_at is None:
+    if beat is None:
         raise Forbidden("this device has been revoked")
+    expires = ctx.settings.presign_expiry_seconds
+    offers = [
+        msgspec.convert({**o, "weights_url": ctx.storage.presigned_get(o.pop("object_key"), expires)}, RoundOffer)
+        for o in beat.round_offers
+    ]
     return SyncResult(
         device_id=ctx.device_id,
-        server_time=seen_at,
+        server_time=beat.last_seen_at,
         next_poll_interval_seconds=ctx.settings.sync_interval_seconds,
-        desired_state=DesiredState(round_offers=[], stop_rounds=[]),
+        desired_state=DesiredState(round_offers=offers, stop_rounds=beat.stop_rounds),
     )
+
+
+class Heartbeat(msgspec.Struct):
+    last_seen_at: datetime
+    round_offers: list[dict[str, Any]]
+    stop_rounds: list[StopRound]

@@ -139,11 +139,37 @@ class SyncParams(Params):
             raise ValueError(f"state may nest at most {STATE_MAX_DEPTH} levels deep")
 
 
-class DesiredState(Result):
-    """What the server asks of the device; training rounds fill these lists."""
+class RoundOffer(Result, kw_only=True):
+    """A running round the device is selected in: what to download, how to train, until when."""
 
-    round_offers: list[dict[str, Any]]
-    stop_rounds: list[str]
+    round_id: str
+    model_id: str
+    base_version: int
+    weights_url: str
+    weights_sha256: str
+    weights_size_bytes: int
+    update_format: str
+    strategy: str
+    client_config: dict[str, Any]
+    deadline: datetime
+    # None when the round has none; present on the wire as null so devices need not guess.
+    differential_privacy: dict[str, Any] | None
+    secure_aggregation: dict[str, Any] | None
+
+
+class StopRound(Result, kw_only=True):
+    """A round the device must stop working on (cancelled or failed)."""
+
+    round_id: str
+    state: str
+    reason: str | None
+
+
+class DesiredState(Result):
+    """What the server asks of the device."""
+
+    round_offers: list[RoundOffer]
+    stop_rounds: list[StopRound]
 
 
 class SyncResult(Result):

@@ -71,14 +71,44 @@ WHERE d.org_id = %(org_id)s
 SELECT id, org_id FROM devices WHERE id = ANY(%(device_ids)s::text[]);
 
 -- name: update_device_state
--- The heartbeat: mark the device seen and store what it reported (null keeps the stored value).
-UPDATE devices SET
-    last_seen_at = now(),
-    battery_pct = coalesce(%(battery_pct)s, battery_pct),
-    charging = coalesce(%(charging)s, charging),
-    network_type = coalesce(%(network_type)s, network_type),
-    available_storage_mb = coalesce(%(available_storage_mb)s, available_storage_mb),
-    app_version = coalesce(%(app_version)s, app_version),
-    reported_state = coalesce(%(state)s::jsonb, reported_state)
-WHERE id = %(device_id)s AND revoked_at IS NULL
-RETURNING last_seen_at;
+-- The heartbeat, in one statement: mark the device seen, store what it reported (null keeps the
+-- stored value), and read its offers (running rounds it is selected in, before their deadline,
+-- with no update from it yet) and stop instructions (its rounds cancelled or failed in the last day).
+WITH seen AS (
+    UPDATE devices SET
+        last_seen_at = now(),
+        battery_pct = coalesce(%(battery_pct)s, battery_pct),
+        charging = coalesce(%(charging)s, charging),
+        network_type = coalesce(%(network_type)s, network_type),
+        available_storage_mb = coalesce(%(available_storage_mb)s, available_storage_mb),
+        app_version = coalesce(%(app_version)s, app_version),
+        reported_state = coalesce(%(state)s::jsonb, reported_state)
+    WHERE id = %(device_id)s AND revoked_at IS NULL
+    RETURNING id, last_seen_at
+)
+SELECT seen.last_seen_at,
+       coalesce((
+           SELECT json_agg(json_build_object(
+                      'round_id', r.id, 'model_id', r.model_id, 'base_version', r.base_version,
+                      'object_key', a.object_key, 'weights_sha256', a.sha256,
+                      'weights_size_bytes', a.size_bytes, 'update_format', r.update_format,
+                      'strategy', r.strategy, 'client_config', r.client_config, 'deadline', r.deadline_at,
+                      'differential_privacy', r.dp_config, 'secure_aggregation', r.secagg_config)
+                  ORDER BY r.deadline_at)
+           FROM round_devices AS rd
+           JOIN training_rounds AS r ON r.id = rd.round_id
+           JOIN model_artifacts AS a
+             ON a.model_id = r.model_id AND a.version = r.base_version AND a.kind = 'safetensors'
+           WHERE rd.device_id = seen.id AND r.state = 'running' AND r.deadline_at > now()
+             AND NOT EXISTS (SELECT 1 FROM training_updates AS u
+                             WHERE u.round_id = r.id AND u.device_id = seen.id)
+       ), '[]'::json) AS round_offers,
+       coalesce((
+           SELECT json_agg(json_build_object('round_id', r.id, 'state', r.state,
+                                             'reason', coalesce(r.cancel_reason, r.failure_reason))
+                  ORDER BY r.finished_at)
+           FROM round_devices AS rd JOIN training_rounds AS r ON r.id = rd.round_id
+           WHERE rd.device_id = seen.id AND r.state IN ('cancelled', 'failed')
+             AND r.finished_at > now() - interval '1 day'
+       ), '[]'::json) AS stop_rounds
+FROM seen;

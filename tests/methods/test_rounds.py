@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import aiohttp
 import pytest
+import safetensors.numpy
 
 from tests.conftest import register_device
 
@@ -159,3 +163,32 @@ async def test_list_rounds_filters(client, org, mlp_model):
     assert pending["total"] == 1 and pending["items"][0]["id"] != first["id"]
     everything = await client.ok("training.list_rounds", {"model_id": mlp_model["id"], "limit": 1}, org.token)
     assert everything["total"] == 2 and len(everything["items"]) == 1
+
+
+async def test_devices_get_offers_for_running_rounds_and_stop_instructions(client, org, mlp_model, mlp_bundle):
+    device = await register_device(client, org.token)
+    idle = await register_device(client, org.token, platform="ios")
+    rnd = await make_round(client, org, mlp_model, client_config={"epochs": 3, "learning_rate": 0.05})
+    await client.ok("training.select_devices", {"round_id": rnd["id"], "criteria": {"platform": "android"}},
+                    org.token)
+    sync = await client.ok("devices.sync", {}, device["token"])
+    assert sync["desired_state"]["round_offers"] == []  # selected but not started
+    await client.ok("training.start_round", {"round_id": rnd["id"]}, org.token)
+
+    offers = (await client.ok("devices.sync", {"battery_pct": 70}, device["token"]))["desired_state"]["round_offers"]
+    assert [o["round_id"] for o in offers] == [rnd["id"]]
+    offer = offers[0]
+    assert offer["model_id"] == mlp_model["id"] and offer["base_version"] == 1
+    assert offer["client_config"]["epochs"] == 3 and offer["update_format"] == "delta"
+    assert offer["differential_privacy"] is None and offer["secure_aggregation"] is None
+    async with aiohttp.ClientSession() as http, http.get(offer["weights_url"]) as resp:
+        weights = await resp.read()
+    assert hashlib.sha256(weights).hexdigest() == offer["weights_sha256"]
+    net, _ = mlp_bundle
+    assert set(safetensors.numpy.load(weights)) == set(net.state_dict())
+    assert (await client.ok("devices.sync", {}, idle["token"]))["desired_state"]["round_offers"] == []
+
+    await client.ok("training.cancel_round", {"round_id": rnd["id"], "reason": "model changed"}, org.token)
+    desired = (await client.ok("devices.sync", {}, device["token"]))["desired_state"]
+    assert desired["round_offers"] == []
+    assert desired["stop_rounds"] == [{"round_id": rnd["id"], "state": "cancelled", "reason": "model changed"}]
