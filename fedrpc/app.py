@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import msgspec
 from aiohttp import web
 
@@ -14,6 +17,7 @@ from fedrpc.registry import Registry
 from fedrpc.rpc import METRICS, SERVICES, handle_rpc
 from fedrpc.settings import Settings
 from fedrpc.storage import Storage
+from fedrpc.tasks import run_periodically
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", Registry)
@@ -32,6 +36,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(_background)
     app.router.add_post("/rpc", handle_rpc)
     app.router.add_get("/openrpc.json", _openrpc)
     app.router.add_get("/healthz", _healthz)
@@ -66,6 +71,15 @@ async def _services(app: web.Application):
                                app[REGISTRY], {"limiter": limiter})
     app[OPENRPC] = msgspec.json.encode(build_document(app[REGISTRY]))
     yield
+
+
+async def _background(app: web.Application):
+    settings: Settings = app[SETTINGS]
+    task = asyncio.create_task(run_periodically(app[SERVICES], settings.background_interval_seconds))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _openrpc(request: web.Request) -> web.Response:

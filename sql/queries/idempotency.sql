@@ -22,3 +22,7 @@ WHERE scope = %(scope)s AND method = %(method)s AND key = %(key)s;
 -- Forget an unfinished claim so the call can be retried with the same key.
 DELETE FROM idempotency_keys
 WHERE scope = %(scope)s AND method = %(method)s AND key = %(key)s AND result IS NULL;
+
+-- name: delete_expired_keys
+-- Forget stored results after the replay window; they can hold tokens shown once.
+DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => %(max_age_seconds)s);

@@ -68,3 +68,19 @@ async def test_failed_call_does_not_burn_its_idempotency_key(client, org, other_
     params = {"key_id": theirs["id"], "idempotency_key": "retry-me"}
     assert (await client.error("orgs.api_keys.revoke", params, org.token))["data"]["type"] == "forbidden"
     assert (await client.error("orgs.api_keys.revoke", params, org.token))["data"]["type"] == "forbidden"
+
+
+async def test_stored_replays_are_purged_after_the_window(client, org, database_url):
+    import psycopg
+
+    from fedrpc.rpc import SERVICES
+    from fedrpc.tasks import purge_idempotency_keys
+
+    await client.ok("orgs.api_keys.create", {"name": "old", "idempotency_key": "k-old"}, org.token)
+    await client.ok("orgs.api_keys.create", {"name": "new", "idempotency_key": "k-new"}, org.token)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'k-old'")
+    await purge_idempotency_keys(client.app[SERVICES])
+    with psycopg.connect(database_url) as conn:
+        keys = [r[0] for r in conn.execute("SELECT key FROM idempotency_keys ORDER BY key")]
+    assert keys == ["k-new"]
