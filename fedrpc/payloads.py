@@ -8,7 +8,6 @@ objects (their bytes now live under the caller's own keys).
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -18,8 +17,6 @@ import msgspec
 from fedrpc.context import Context
 from fedrpc.errors import BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed
 from schemas.models.versions import Payload
-
-log = logging.getLogger("fedrpc.payloads")
 
 
 class Upload(msgspec.Struct):
@@ -88,14 +85,9 @@ async def payload_bytes(ctx: Context, payloads: dict[str, Payload], purpose: str
         for upload in claimed:
             await ctx.db.run("uploads.release_upload", upload_id=upload.id)
         raise
-    await discard(ctx, [u.object_key for u in claimed])
+    await ctx.storage.delete_quietly([u.object_key for u in claimed])
 
 
 async def discard(ctx: Context, keys: list[str]) -> None:
-    """Delete objects nobody references any more; a failure only leaves garbage, so it is logged."""
-    if not keys:
-        return
-    try:
-        await ctx.storage.delete(*keys)
-    except Exception:
-        log.warning("could not delete %d unreferenced objects (request %s)", len(keys), ctx.request_id)
+    """Delete objects nobody references any more (see Storage.delete_quietly)."""
+    await ctx.storage.delete_quietly(keys)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -17,6 +18,8 @@ from minio import Minio
 from minio.error import S3Error
 
 from fedrpc.errors import InternalError, NotFound
+
+log = logging.getLogger("fedrpc.storage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +58,25 @@ class Storage:
             return StoredObject(key, hashlib.sha256(data).hexdigest(), len(data))
         return await _call(put)
 
+    def get_blocking(self, key: str) -> bytes:
+        """For code already on a worker thread; errors are translated as for ``get``."""
+        try:
+            return self._get(key)
+        except S3Error as exc:
+            raise _translated(exc) from None
+        except (urllib3.exceptions.HTTPError, OSError):
+            raise InternalError("object storage is unreachable") from None
+
+    def _get(self, key: str) -> bytes:
+        response = self.client.get_object(self.bucket, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
     async def get(self, key: str) -> bytes:
-        def get() -> bytes:
-            response = self.client.get_object(self.bucket, key)
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-        return await _call(get)
+        return await _call(lambda: self._get(key))
 
     async def size(self, key: str) -> int | None:
         """The object's size, or None when it does not exist."""
@@ -82,6 +95,15 @@ class Storage:
                 self.client.remove_object(self.bucket, key)
         await _call(delete)
 
+    async def delete_quietly(self, keys: list[str]) -> None:
+        """Delete objects nobody references any more; a failure only leaves garbage, so it is logged."""
+        if not keys:
+            return
+        try:
+            await self.delete(*keys)
+        except Exception:
+            log.warning("could not delete %d unreferenced objects", len(keys))
+
     def presigned_get(self, key: str, expires_seconds: int) -> str:
         # Signing is local computation (no request), so it runs inline.
         return self.client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=expires_seconds))
@@ -94,8 +116,12 @@ async def _call(fn):
     try:
         return await asyncio.to_thread(fn)
     except S3Error as exc:
-        if exc.code in ("NoSuchKey", "NoSuchObject"):
-            raise NotFound("a stored object is missing") from None
-        raise InternalError("object storage refused the request") from None
+        raise _translated(exc) from None
     except (urllib3.exceptions.HTTPError, OSError):
         raise InternalError("object storage is unreachable") from None
+
+
+def _translated(exc: S3Error) -> Exception:
+    if exc.code in ("NoSuchKey", "NoSuchObject"):
+        return NotFound("a stored object is missing")
+    return InternalError("object storage refused the request")

@@ -44,7 +44,7 @@ async def create(ctx: Context, p: CreateParams) -> ModelVersion:
     async with payload_bytes(ctx, payloads, "model_artifact") as blobs:
         info, artifacts = await asyncio.to_thread(_checked_artifacts, blobs["weights"], p.weights_encoding,
                                                   blobs["onnx"], blobs["program"])
-        return await publish_version(ctx, p.model_id, artifacts, manifest=manifest_to_json(info.manifest),
+        return await publish_version(ctx.db, ctx.storage, p.model_id, artifacts, manifest=manifest_to_json(info.manifest),
                                      input_shape=list(info.input_shape), description=p.description)
 
 

@@ -7,7 +7,13 @@ import secrets
 import msgspec
 import numpy as np
 
-from fedrpc.access import federation_for_member, model_for_reading, round_for_owner, round_for_reading
+from fedrpc.access import (
+    federation_for_member,
+    model_for_reading,
+    round_for_owner,
+    round_for_reading,
+)
+from fedrpc.aggregation import aggregate_round
 from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.db import jsonb
@@ -15,7 +21,9 @@ from fedrpc.errors import BadRequest, Forbidden, NotFound, PreconditionFailed
 from fedrpc.fl.sampling import select_devices as sample
 from fedrpc.registry import ORG, rpc_method
 from fedrpc.rounds import transition
+from schemas.models.versions import ModelVersion
 from schemas.training import (
+    AggregateParams,
     CancelRoundParams,
     CreateRoundParams,
     GetRoundParams,
@@ -134,3 +142,11 @@ async def cancel_round(ctx: Context, p: CancelRoundParams) -> RoundDetail:
     await transition(ctx.db, "training.update_round_cancelled", p.round_id, ("pending", "selected", "running"),
                      reason=p.reason)
     return await get_round(ctx, GetRoundParams(round_id=p.round_id))
+
+
+@rpc_method(ORG)
+async def aggregate(ctx: Context, p: AggregateParams) -> ModelVersion:
+    """Combine the round's updates with its strategy (or the one given) into the model's next version."""
+    await round_for_owner(ctx, p.round_id)
+    return await aggregate_round(ctx.db, ctx.storage, p.round_id, strategy=p.strategy.name if p.strategy else None,
+                                 params=p.strategy.params if p.strategy else None, min_updates=p.min_updates)

@@ -185,3 +185,11 @@ class CancelRoundParams(MutatingParams, kw_only=True):
 
     round_id: RoundId
     reason: Reason = "cancelled by the organization"
+
+
+class AggregateParams(MutatingParams, kw_only=True):
+    """Aggregate a running round's updates into a new model version (the round then completes)."""
+
+    round_id: RoundId
+    strategy: Strategy | None = None
+    min_updates: Annotated[int, Meta(ge=1, le=100_000)] | None = None
