@@ -18,7 +18,9 @@ from schemas.training import Round
 
 async def model_for_reading(ctx: Context, model_id: str) -> Model:
     """The model, if the caller's organization (or one of its devices) may read it."""
-    model = await ctx.db.get("models.find_model", Model, model_id=model_id, missing="no model with this id")
+    model = await ctx.db.get(
+        "models.find_model", Model, model_id=model_id, missing="no model with this id"
+    )
     if model.org_id != ctx.org_id and not await ctx.db.value(
         "federations.models.find_member_share", model_id=model_id, org_id=ctx.org_id
     ):
@@ -28,7 +30,9 @@ async def model_for_reading(ctx: Context, model_id: str) -> Model:
 
 async def model_for_writing(ctx: Context, model_id: str) -> Model:
     """The model, if the caller is the organization that owns it."""
-    model = await ctx.db.get("models.find_model", Model, model_id=model_id, missing="no model with this id")
+    model = await ctx.db.get(
+        "models.find_model", Model, model_id=model_id, missing="no model with this id"
+    )
     if model.org_id != ctx.org_id or ctx.principal.kind != "org":
         raise Forbidden("the organization does not own this model")
     return model
@@ -39,8 +43,13 @@ class FederationRole(Federation, kw_only=True):
 
 
 async def federation_role(ctx: Context, federation_id: str) -> FederationRole:
-    return await ctx.db.get("federations.find_federation_role", FederationRole, federation_id=federation_id,
-                            org_id=ctx.org_id, missing="no federation with this id")
+    return await ctx.db.get(
+        "federations.find_federation_role",
+        FederationRole,
+        federation_id=federation_id,
+        org_id=ctx.org_id,
+        missing="no federation with this id",
+    )
 
 
 async def federation_for_member(ctx: Context, federation_id: str) -> Federation:
@@ -70,8 +79,13 @@ class RoundRole(Round, kw_only=True):
 
 async def round_for_reading(ctx: Context, round_id: str) -> RoundRole:
     """The round, if the caller's organization runs it or is an active member of its federation."""
-    found = await ctx.db.get("training.find_round", RoundRole, round_id=round_id, org_id=ctx.org_id,
-                             missing="no round with this id")
+    found = await ctx.db.get(
+        "training.find_round",
+        RoundRole,
+        round_id=round_id,
+        org_id=ctx.org_id,
+        missing="no round with this id",
+    )
     if found.role == "none":
         raise Forbidden("the organization does not own this round")
     return found

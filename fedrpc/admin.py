@@ -14,6 +14,12 @@ async def create_org(db: Database, name: str) -> tuple[Org, str]:
     token, digest = new_token(ORG_KEY_PREFIX)
     async with db.transaction() as tx:
         org = await tx.get("orgs.insert_org", Org, id=new_id("org"), name=name)
-        await tx.run("orgs.api_keys.insert_key", id=new_id("key"), org_id=org.id, name="admin",
-                     token_hash=digest, prefix=token[:8])
+        await tx.run(
+            "orgs.api_keys.insert_key",
+            id=new_id("key"),
+            org_id=org.id,
+            name="admin",
+            token_hash=digest,
+            prefix=token[:8],
+        )
     return org, token

@@ -94,7 +94,9 @@ class RoundFailed(AppError):
     type, code = "precondition_failed", PreconditionFailed.code
 
 
-def _read_updates(storage: Storage, rows: list[UpdateRow], manifest) -> Iterator[tuple[np.ndarray, int]]:
+def _read_updates(
+    storage: Storage, rows: list[UpdateRow], manifest
+) -> Iterator[tuple[np.ndarray, int]]:
     """Each update as a flat float32 vector, fetched and checked one at a time (worker thread)."""
     for row in rows:
         data = storage.get_blocking(row.object_key)
@@ -109,8 +111,16 @@ def _read_updates(storage: Storage, rows: list[UpdateRow], manifest) -> Iterator
         yield flatten(state, manifest), row.sample_count
 
 
-def _compute(storage: Storage, rnd: Round, strategy: str, params: dict, rows: list[UpdateRow], manifest,
-             base_bytes: bytes, server_state: dict[str, np.ndarray]) -> tuple[Outcome, dict[str, np.ndarray]]:
+def _compute(
+    storage: Storage,
+    rnd: Round,
+    strategy: str,
+    params: dict,
+    rows: list[UpdateRow],
+    manifest,
+    base_bytes: bytes,
+    server_state: dict[str, np.ndarray],
+) -> tuple[Outcome, dict[str, np.ndarray]]:
     """The aggregate and the new state dict; CPU and blocking I/O, so it runs in a worker thread."""
     base_state = decode_state_dict(base_bytes, "safetensors", field="base weights")
     base = flatten(base_state, manifest)
@@ -122,14 +132,33 @@ def _compute(storage: Storage, rnd: Round, strategy: str, params: dict, rows: li
                 path = Path(spill) / f"{i}.f32"
                 vector.tofile(path)
                 sources.append(np.memmap(path, dtype=np.float32, mode="r", shape=vector.shape))
-            outcome = aggregate_robust(strategy, params, base, sources, [r.sample_count for r in rows],
-                                       update_format=rnd.update_format, memory_budget_bytes=MEMORY_BUDGET_BYTES)
+            outcome = aggregate_robust(
+                strategy,
+                params,
+                base,
+                sources,
+                [r.sample_count for r in rows],
+                update_format=rnd.update_format,
+                memory_budget_bytes=MEMORY_BUDGET_BYTES,
+            )
     else:
-        dp = (rnd.dp_config["noise_multiplier"], rnd.dp_config["clipping_norm"]) if rnd.dp_config else None
+        dp = (
+            (rnd.dp_config["noise_multiplier"], rnd.dp_config["clipping_norm"])
+            if rnd.dp_config
+            else None
+        )
         # DP noise must be unpredictable: the generator is seeded from the OS's cryptographic source.
         rng = np.random.default_rng(secrets.randbits(128))
-        outcome = aggregate_streaming(strategy, params, base, updates, update_format=rnd.update_format,
-                                      server_state=server_state, dp=dp, rng=rng)
+        outcome = aggregate_streaming(
+            strategy,
+            params,
+            base,
+            updates,
+            update_format=rnd.update_format,
+            server_state=server_state,
+            dp=dp,
+            rng=rng,
+        )
     new_state = unflatten(outcome.vector, manifest, base_state)
     try:
         check_finite(new_state)
@@ -141,54 +170,83 @@ def _compute(storage: Storage, rnd: Round, strategy: str, params: dict, rows: li
 def _artifacts(program_bytes: bytes, new_state: dict[str, np.ndarray]) -> dict[str, bytes]:
     """The new version's four objects (worker thread: the ONNX re-export takes seconds)."""
     program, onnx = export_version(program_bytes, new_state)
-    return {"safetensors": encode_safetensors(new_state), "torch": encode_torch(new_state),
-            "onnx": onnx, "program": program}
+    return {
+        "safetensors": encode_safetensors(new_state),
+        "torch": encode_torch(new_state),
+        "onnx": onnx,
+        "program": program,
+    }
 
 
 async def _claim(db: Database, round_id: str) -> None:
-    if await db.value("training.aggregate.claim_round_for_aggregation", round_id=round_id,
-                      lease_seconds=LEASE_SECONDS):
+    if await db.value(
+        "training.aggregate.claim_round_for_aggregation",
+        round_id=round_id,
+        lease_seconds=LEASE_SECONDS,
+    ):
         return
     state = await db.value("training.find_round_state", round_id=round_id)
     if state is None:
         raise NotFound("no round with this id")
     if state == "aggregating":
         raise Conflict("the round is being aggregated by another call", state=state)
-    raise PreconditionFailed(f"the round is {state}; aggregation needs it running", state=state,
-                             allowed=["running"])
+    raise PreconditionFailed(
+        f"the round is {state}; aggregation needs it running", state=state, allowed=["running"]
+    )
 
 
-async def _server_state(db: Database, storage: Storage, model_id: str, strategy: str) -> dict[str, np.ndarray]:
+async def _server_state(
+    db: Database, storage: Storage, model_id: str, strategy: str
+) -> dict[str, np.ndarray]:
     row = await db.maybe("training.aggregate.find_server_state", StateRow, model_id=model_id)
     if row is None or row.strategy != strategy:
         return {}
     return decode_state_dict(await storage.get(row.object_key), "safetensors", field="server state")
 
 
-async def aggregate_round(db: Database, storage: Storage, round_id: str, *, strategy: str | None = None,
-                          params: dict[str, float] | None = None, min_updates: int | None = None) -> ModelVersion:
+async def aggregate_round(
+    db: Database,
+    storage: Storage,
+    round_id: str,
+    *,
+    strategy: str | None = None,
+    params: dict[str, float] | None = None,
+    min_updates: int | None = None,
+) -> ModelVersion:
     """Aggregate a running round into a new version of its model, or explain why not."""
-    rnd = await db.get("training.aggregate.get_round", Round, round_id=round_id, missing="no round with this id")
+    rnd = await db.get(
+        "training.aggregate.get_round", Round, round_id=round_id, missing="no round with this id"
+    )
     if rnd.secagg_config is not None:
-        raise PreconditionFailed("a secure-aggregation round is aggregated by its SecAgg+ session",
-                                 state=rnd.state)
+        raise PreconditionFailed(
+            "a secure-aggregation round is aggregated by its SecAgg+ session", state=rnd.state
+        )
     name = strategy or rnd.strategy
     try:
-        full_params = check_strategy(name, params if params is not None else rnd.strategy_params,
-                                     dp=rnd.dp_config is not None)
+        full_params = check_strategy(
+            name,
+            params if params is not None else rnd.strategy_params,
+            dp=rnd.dp_config is not None,
+        )
     except InvalidInput as exc:
         raise BadRequest(str(exc)) from None
     rows = await db.all("training.aggregate.list_round_updates", UpdateRow, round_id=round_id)
     needed = min_updates or rnd.min_updates
     if len(rows) < needed:
-        raise PreconditionFailed(f"the round has {len(rows)} updates and needs {needed}", state=rnd.state,
-                                 received=len(rows), min_updates=needed)
+        raise PreconditionFailed(
+            f"the round has {len(rows)} updates and needs {needed}",
+            state=rnd.state,
+            received=len(rows),
+            min_updates=needed,
+        )
     await _claim(db, round_id)
     try:
         return await _aggregate_claimed(db, storage, rnd, name, full_params, rows)
     except (RoundFailed, PrivacyBudgetExhausted, NotFound) as exc:
         # These will not pass by retrying: the round fails with the reason.
-        await db.run("training.aggregate.update_round_failed", round_id=round_id, reason=exc.message)
+        await db.run(
+            "training.aggregate.update_round_failed", round_id=round_id, reason=exc.message
+        )
         raise
     except InvalidInput as exc:
         # Strategy parameters impossible for this many updates: retry with others.
@@ -200,26 +258,49 @@ async def aggregate_round(db: Database, storage: Storage, round_id: str, *, stra
         raise
 
 
-async def _aggregate_claimed(db: Database, storage: Storage, rnd: Round, strategy: str, params: dict,
-                             rows: list[UpdateRow]) -> ModelVersion:
-    base = await db.get("training.aggregate.find_base_artifacts", BaseArtifacts, model_id=rnd.model_id,
-                        version=rnd.base_version, missing="the base version is gone")
+async def _aggregate_claimed(
+    db: Database, storage: Storage, rnd: Round, strategy: str, params: dict, rows: list[UpdateRow]
+) -> ModelVersion:
+    base = await db.get(
+        "training.aggregate.find_base_artifacts",
+        BaseArtifacts,
+        model_id=rnd.model_id,
+        version=rnd.base_version,
+        missing="the base version is gone",
+    )
     manifest = manifest_from_json(base.manifest)
     charge = None
     if rnd.dp_config is not None:
         selected = await db.value("training.aggregate.count_round_devices", round_id=rnd.id)
-        charge = RoundCharge(rnd.dp_config["noise_multiplier"], min(1.0, selected / (rnd.eligible_count or selected)), 1)
-        budget = await db.get("training.aggregate.get_federation_budget", _Budget, federation_id=rnd.federation_id)
-        check = await price(db, rnd.federation_id, charge, delta=budget.total_delta_budget or DEFAULT_DELTA,
-                            epsilon_budget=budget.total_epsilon_budget)
+        charge = RoundCharge(
+            rnd.dp_config["noise_multiplier"],
+            min(1.0, selected / (rnd.eligible_count or selected)),
+            1,
+        )
+        budget = await db.get(
+            "training.aggregate.get_federation_budget", _Budget, federation_id=rnd.federation_id
+        )
+        check = await price(
+            db,
+            rnd.federation_id,
+            charge,
+            delta=budget.total_delta_budget or DEFAULT_DELTA,
+            epsilon_budget=budget.total_epsilon_budget,
+        )
         if check.exceeds_budget:
-            raise PrivacyBudgetExhausted("this round would exceed the federation's privacy budget",
-                                         projected_epsilon=check.projected_epsilon,
-                                         budget_epsilon=budget.total_epsilon_budget)
-    base_bytes, program_bytes = await storage.get(base.weights_key), await storage.get(base.program_key)
+            raise PrivacyBudgetExhausted(
+                "this round would exceed the federation's privacy budget",
+                projected_epsilon=check.projected_epsilon,
+                budget_epsilon=budget.total_epsilon_budget,
+            )
+    base_bytes, program_bytes = (
+        await storage.get(base.weights_key),
+        await storage.get(base.program_key),
+    )
     server_state = await _server_state(db, storage, rnd.model_id, strategy)
-    outcome, new_state = await asyncio.to_thread(_compute, storage, rnd, strategy, params, rows, manifest,
-                                                 base_bytes, server_state)
+    outcome, new_state = await asyncio.to_thread(
+        _compute, storage, rnd, strategy, params, rows, manifest, base_bytes, server_state
+    )
     artifacts = await asyncio.to_thread(_artifacts, program_bytes, new_state)
     metrics = {**weighted_means([(r.metrics, r.sample_count) for r in rows]), **outcome.metrics}
     state_object = None
@@ -231,15 +312,32 @@ async def _aggregate_claimed(db: Database, storage: Storage, rnd: Round, strateg
         if charge is not None:
             await charge_round(tx, rnd.federation_id, rnd.id, charge)
         if state_object is not None:
-            await tx.run("training.aggregate.upsert_server_state", model_id=rnd.model_id, strategy=strategy,
-                         version=version, object_key=state_object.key, sha256=state_object.sha256)
+            await tx.run(
+                "training.aggregate.upsert_server_state",
+                model_id=rnd.model_id,
+                strategy=strategy,
+                version=version,
+                object_key=state_object.key,
+                sha256=state_object.sha256,
+            )
         await tx.run("training.aggregate.update_round_completed", round_id=rnd.id, version=version)
 
     try:
         return await publish_version(
-            db, storage, rnd.model_id, artifacts, manifest=base.manifest, input_shape=base.input_shape,
-            parent_version=rnd.base_version, round_id=rnd.id, strategy=strategy, num_updates=len(rows),
-            total_samples=sum(r.sample_count for r in rows), metrics=metrics, along_with=along_with)
+            db,
+            storage,
+            rnd.model_id,
+            artifacts,
+            manifest=base.manifest,
+            input_shape=base.input_shape,
+            parent_version=rnd.base_version,
+            round_id=rnd.id,
+            strategy=strategy,
+            num_updates=len(rows),
+            total_samples=sum(r.sample_count for r in rows),
+            metrics=metrics,
+            along_with=along_with,
+        )
     except BaseException:
         await storage.delete_quietly([state_object.key] if state_object else [])
         raise

@@ -48,7 +48,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
 async def _database(app: web.Application):
     settings: Settings = app[SETTINGS]
     set_json_codec()
-    pool = open_pool(settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
+    pool = open_pool(
+        settings.database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max
+    )
     await pool.open(wait=True, timeout=30)
     app[DATABASE] = Database(pool, load_queries())
     yield
@@ -57,8 +59,14 @@ async def _database(app: web.Application):
 
 async def _storage(app: web.Application):
     s: Settings = app[SETTINGS]
-    storage = Storage(s.s3_endpoint, s.s3_access_key, s.s3_secret_key, s.s3_bucket,
-                      secure=s.s3_secure, region=s.s3_region)
+    storage = Storage(
+        s.s3_endpoint,
+        s.s3_access_key,
+        s.s3_secret_key,
+        s.s3_bucket,
+        secure=s.s3_secure,
+        region=s.s3_region,
+    )
     await storage.ensure_bucket()
     app[STORAGE] = storage
     yield
@@ -67,15 +75,23 @@ async def _storage(app: web.Application):
 async def _services(app: web.Application):
     s: Settings = app[SETTINGS]
     limiter = RateLimiter(s.rate_limit_per_second, s.rate_limit_burst)
-    app[SERVICES] = Services(s, app[DATABASE], app[STORAGE], Authenticator(app[DATABASE], s.auth_cache_seconds),
-                               app[REGISTRY], {"limiter": limiter})
+    app[SERVICES] = Services(
+        s,
+        app[DATABASE],
+        app[STORAGE],
+        Authenticator(app[DATABASE], s.auth_cache_seconds),
+        app[REGISTRY],
+        {"limiter": limiter},
+    )
     app[OPENRPC] = msgspec.json.encode(build_document(app[REGISTRY]))
     yield
 
 
 async def _background(app: web.Application):
     settings: Settings = app[SETTINGS]
-    task = asyncio.create_task(run_periodically(app[SERVICES], settings.background_interval_seconds))
+    task = asyncio.create_task(
+        run_periodically(app[SERVICES], settings.background_interval_seconds)
+    )
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -99,5 +115,7 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].render(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        body=request.app[METRICS].render(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )

@@ -38,8 +38,9 @@ def _with_storage(settings: Settings, stack: ExitStack) -> Settings:
     from fedrpc.embedded import EmbeddedS3
 
     s3 = stack.enter_context(EmbeddedS3(Path(settings.data_dir) / "s3"))
-    return msgspec.structs.replace(settings, s3_endpoint=s3.endpoint, s3_access_key=s3.access_key,
-                                   s3_secret_key=s3.secret_key)
+    return msgspec.structs.replace(
+        settings, s3_endpoint=s3.endpoint, s3_access_key=s3.access_key, s3_secret_key=s3.secret_key
+    )
 
 
 async def _first_org(settings: Settings) -> str | None:
@@ -79,14 +80,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token = asyncio.run(_first_org(settings))
         url = f"http://{settings.host}:{settings.port}/rpc"
         if token:
-            print(f"\nCreated organization 'default'. Its admin API key (shown only now):\n\n    {token}\n")
+            print(
+                f"\nCreated organization 'default'. Its admin API key (shown only now):\n\n    {token}\n"
+            )
         else:
-            print("\nUsing the existing organizations; `fedrpc admin create-org NAME` makes a new one with a key.\n")
+            print(
+                "\nUsing the existing organizations; `fedrpc admin create-org NAME` makes a new one with a key.\n"
+            )
         print("Try it:\n")
-        print(f"    curl -s {url} -H 'Authorization: Bearer {token or '<your key>'}' \\\n"
-              "      -d '{\"jsonrpc\": \"2.0\", \"method\": \"system.ping\", \"id\": 1}'\n", flush=True)
-        web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                    access_log=None)
+        print(
+            f"    curl -s {url} -H 'Authorization: Bearer {token or '<your key>'}' \\\n"
+            '      -d \'{"jsonrpc": "2.0", "method": "system.ping", "id": 1}\'\n',
+            flush=True,
+        )
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            print=None,
+            access_log=None,
+        )
     return 0
 
 
@@ -117,8 +130,12 @@ def cmd_call(args: argparse.Namespace) -> int:
     envelope = {"jsonrpc": "2.0", "method": args.method, "id": 1}
     if args.params:
         envelope["params"] = json.loads(args.params)
-    request = urllib.request.Request(url, data=json.dumps(envelope).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(envelope).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -133,12 +150,16 @@ def cmd_call(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedrpc", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve POST /rpc (embedded Postgres and S3 unless configured)")
+    serve = sub.add_parser(
+        "serve", help="serve POST /rpc (embedded Postgres and S3 unless configured)"
+    )
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.set_defaults(run=cmd_serve)
     sub.add_parser("migrate", help="apply pending migrations").set_defaults(run=cmd_migrate)
-    admin = sub.add_parser("admin", help="operator commands").add_subparsers(dest="admin", required=True)
+    admin = sub.add_parser("admin", help="operator commands").add_subparsers(
+        dest="admin", required=True
+    )
     create_org = admin.add_parser("create-org", help="create an organization and print its API key")
     create_org.add_argument("name")
     create_org.set_defaults(run=cmd_create_org)

@@ -84,20 +84,30 @@ def translated_errors() -> Iterator[None]:
         yield
     except pg_errors.UniqueViolation as exc:
         name = exc.diag.constraint_name or ""
-        raise Conflict(CONSTRAINT_MESSAGES.get(name, "a record with these values already exists"),
-                       constraint=name) from None
+        raise Conflict(
+            CONSTRAINT_MESSAGES.get(name, "a record with these values already exists"),
+            constraint=name,
+        ) from None
     except pg_errors.ForeignKeyViolation:
         raise NotFound("a referenced record does not exist") from None
-    except (pg_errors.CheckViolation, pg_errors.NumericValueOutOfRange,
-            pg_errors.StringDataRightTruncation, pg_errors.InvalidTextRepresentation):
+    except (
+        pg_errors.CheckViolation,
+        pg_errors.NumericValueOutOfRange,
+        pg_errors.StringDataRightTruncation,
+        pg_errors.InvalidTextRepresentation,
+    ):
         raise BadRequest("a value is out of the range the server accepts") from None
 
 
 class Database:
     """Typed helpers over named queries; ``transaction()`` pins one connection."""
 
-    def __init__(self, pool: AsyncConnectionPool, queries: dict[str, Query],
-                 conn: psycopg.AsyncConnection | None = None) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        queries: dict[str, Query],
+        conn: psycopg.AsyncConnection | None = None,
+    ) -> None:
         self.pool = pool
         self.queries = queries
         self._conn = conn
@@ -128,7 +138,9 @@ class Database:
             async with self.pool.connection() as conn:
                 return await _fetch(conn, sql, params)
 
-    async def get(self, query: str, type_: type[T], /, *, missing: str | None = None, **params: Any) -> T:
+    async def get(
+        self, query: str, type_: type[T], /, *, missing: str | None = None, **params: Any
+    ) -> T:
         """Exactly one row, converted to ``type_``; none is NotFound."""
         rows = await self._rows(query, params)
         if not rows:
@@ -161,7 +173,9 @@ class Database:
                 return await _execute(conn, sql, params)
 
 
-async def _fetch(conn: psycopg.AsyncConnection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+async def _fetch(
+    conn: psycopg.AsyncConnection, sql: str, params: dict[str, Any]
+) -> list[dict[str, Any]]:
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(sql, params)
         return await cur.fetchall() if cur.description else []
@@ -180,8 +194,14 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
 
 def open_pool(conninfo: str, *, min_size: int = 2, max_size: int = 10) -> AsyncConnectionPool:
     """An unopened pool; open it with ``await pool.open(wait=True)``."""
-    return AsyncConnectionPool(conninfo, min_size=min_size, max_size=max_size, open=False,
-                               configure=_configure, kwargs={"autocommit": False})
+    return AsyncConnectionPool(
+        conninfo,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        configure=_configure,
+        kwargs={"autocommit": False},
+    )
 
 
 def set_json_codec() -> None:
@@ -209,9 +229,10 @@ async def migrate(conninfo: str) -> list[str]:
                     continue
                 async with conn.transaction():
                     await conn.execute(path.read_text())
-                    await conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (path.stem,))
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version) VALUES (%s)", (path.stem,)
+                    )
                 applied.append(path.stem)
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
     return applied
-

@@ -111,9 +111,13 @@ def app_error_object(exc: AppError, request_id: str) -> dict:
     return error_object(exc.code, exc.message, exc.type, request_id, **exc.details)
 
 
-def protocol_error_object(code: int, request_id: str, detail: str | None = None, **details: Any) -> dict:
+def protocol_error_object(
+    code: int, request_id: str, detail: str | None = None, **details: Any
+) -> dict:
     """A -327xx/-326xx error; ``detail`` is our own description of what was wrong."""
-    type_ = {METHOD_NOT_FOUND: "not_found", INTERNAL_ERROR: "internal_error"}.get(code, "bad_request")
+    type_ = {METHOD_NOT_FOUND: "not_found", INTERNAL_ERROR: "internal_error"}.get(
+        code, "bad_request"
+    )
     message = PROTOCOL_MESSAGES[code]
     obj = error_object(code, message, type_, request_id, **details)
     if detail:

@@ -20,8 +20,14 @@ class StoredCall(msgspec.Struct):
     result: bytes | None
 
 
-async def run_once(db: Database, scope: str, method: str, key: str, params_hash: bytes,
-                   call: Callable[[], Awaitable[bytes]]) -> bytes:
+async def run_once(
+    db: Database,
+    scope: str,
+    method: str,
+    key: str,
+    params_hash: bytes,
+    call: Callable[[], Awaitable[bytes]],
+) -> bytes:
     ids = {"scope": scope, "method": method, "key": key}
     claimed = await db.value("idempotency.claim_key", params_hash=params_hash, **ids)
     if not claimed:

@@ -7,7 +7,14 @@ from typing import Any
 import msgspec
 
 from fedrpc import __version__
-from fedrpc.errors import APP_ERRORS, INVALID_PARAMS, PROTOCOL_MESSAGES, Conflict, Forbidden, NotFound
+from fedrpc.errors import (
+    APP_ERRORS,
+    INVALID_PARAMS,
+    PROTOCOL_MESSAGES,
+    Conflict,
+    Forbidden,
+    NotFound,
+)
 from fedrpc.registry import Registry
 
 REF = "#/components/schemas/{name}"
@@ -35,20 +42,25 @@ def build_document(registry: Registry, server_url: str = "/rpc") -> dict[str, An
             for name, schema in params_obj.get("properties", {}).items()
         ]
         callers = [c.name.lower() for c in type(spec.allow) if c in spec.allow]
-        methods.append({
-            "name": spec.name,
-            "summary": spec.summary,
-            "description": spec.description,
-            "paramStructure": "either",
-            "params": params,
-            "result": {"name": "result", "schema": result_schema},
-            "errors": _errors(spec),
-            "x-callers": callers,
-        })
+        methods.append(
+            {
+                "name": spec.name,
+                "summary": spec.summary,
+                "description": spec.description,
+                "paramStructure": "either",
+                "params": params,
+                "result": {"name": "result", "schema": result_schema},
+                "errors": _errors(spec),
+                "x-callers": callers,
+            }
+        )
     return {
         "openrpc": "1.3.2",
-        "info": {"title": "fedrpc", "version": __version__,
-                 "description": "Control plane for federated learning over JSON-RPC 2.0."},
+        "info": {
+            "title": "fedrpc",
+            "version": __version__,
+            "description": "Control plane for federated learning over JSON-RPC 2.0.",
+        },
         "servers": [{"name": "fedrpc", "url": server_url}],
         "methods": methods,
         "components": {"schemas": components},

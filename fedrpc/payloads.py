@@ -42,7 +42,9 @@ async def _claim(ctx: Context, field: str, upload_id: str, purpose: str) -> Uplo
     if upload.org_id != ctx.org_id or (ctx.principal.device_id not in (None, upload.device_id)):
         raise Forbidden(f"{field}: the upload belongs to another caller", field=field)
     if upload.purpose != purpose:
-        raise BadRequest(f"{field}: the upload was made for {upload.purpose}, not {purpose}", field=field)
+        raise BadRequest(
+            f"{field}: the upload was made for {upload.purpose}, not {purpose}", field=field
+        )
     if upload.consumed_at is not None:
         raise Conflict(f"{field}: the upload has already been used", field=field)
     if upload.expires_at <= datetime.now(UTC):
@@ -55,17 +57,25 @@ async def _claim(ctx: Context, field: str, upload_id: str, purpose: str) -> Uplo
 async def _read(ctx: Context, field: str, upload: Upload) -> bytes:
     size = await ctx.storage.size(upload.object_key)
     if size is None:
-        raise PreconditionFailed(f"{field}: nothing has been uploaded to this upload_id yet", field=field)
+        raise PreconditionFailed(
+            f"{field}: nothing has been uploaded to this upload_id yet", field=field
+        )
     if size != upload.size_bytes:
-        raise BadRequest(f"{field}: uploaded {size} bytes but declared {upload.size_bytes}", field=field)
+        raise BadRequest(
+            f"{field}: uploaded {size} bytes but declared {upload.size_bytes}", field=field
+        )
     data = await ctx.storage.get(upload.object_key)
     if hashlib.sha256(data).hexdigest() != upload.sha256:
-        raise BadRequest(f"{field}: the uploaded bytes do not match the declared sha256", field=field)
+        raise BadRequest(
+            f"{field}: the uploaded bytes do not match the declared sha256", field=field
+        )
     return data
 
 
 @asynccontextmanager
-async def payload_bytes(ctx: Context, payloads: dict[str, Payload], purpose: str) -> AsyncIterator[dict[str, bytes]]:
+async def payload_bytes(
+    ctx: Context, payloads: dict[str, Payload], purpose: str
+) -> AsyncIterator[dict[str, bytes]]:
     """The bytes of each named payload; uploads are claimed for the duration of the block."""
     claimed: list[Upload] = []
     try:

@@ -34,33 +34,62 @@ class Charge(msgspec.Struct):
     num_steps: int
 
 
-async def price(db: Database, federation_id: str, charge: RoundCharge, *, delta: float,
-                epsilon_budget: float | None, accountant: str = "rdp") -> BudgetCheck:
+async def price(
+    db: Database,
+    federation_id: str,
+    charge: RoundCharge,
+    *,
+    delta: float,
+    epsilon_budget: float | None,
+    accountant: str = "rdp",
+) -> BudgetCheck:
     """What charging ``charge`` would do, given the recorded history; records nothing."""
-    recorded = [RoundCharge(c.noise_multiplier, c.sample_rate, c.num_steps)
-                for c in await db.all("federations.privacy.list_charges", Charge, federation_id=federation_id)]
+    recorded = [
+        RoundCharge(c.noise_multiplier, c.sample_rate, c.num_steps)
+        for c in await db.all(
+            "federations.privacy.list_charges", Charge, federation_id=federation_id
+        )
+    ]
     budget = NO_BUDGET if epsilon_budget is None else epsilon_budget
     # Cached RDP pricing takes microseconds; PLD convolutions can take a while, so off the loop.
     if accountant == "rdp":
         return check_charge(recorded, charge, epsilon_budget=budget, delta=delta)
-    return await asyncio.to_thread(check_charge, recorded, charge, epsilon_budget=budget, delta=delta,
-                                   accountant=accountant)
+    return await asyncio.to_thread(
+        check_charge, recorded, charge, epsilon_budget=budget, delta=delta, accountant=accountant
+    )
 
 
-async def charge_round(db: Database, federation_id: str, round_id: str, charge: RoundCharge) -> LedgerEntry:
+async def charge_round(
+    db: Database, federation_id: str, round_id: str, charge: RoundCharge
+) -> LedgerEntry:
     """Record a round's privacy cost, or refuse with privacy_budget_exhausted."""
     async with db.transaction() as tx:
-        budget = await tx.get("federations.privacy.lock_budget", BudgetRow, federation_id=federation_id,
-                              missing="no federation with this id")
+        budget = await tx.get(
+            "federations.privacy.lock_budget",
+            BudgetRow,
+            federation_id=federation_id,
+            missing="no federation with this id",
+        )
         delta = budget.total_delta_budget or DEFAULT_DELTA
-        check = await price(tx, federation_id, charge, delta=delta, epsilon_budget=budget.total_epsilon_budget)
+        check = await price(
+            tx, federation_id, charge, delta=delta, epsilon_budget=budget.total_epsilon_budget
+        )
         if check.exceeds_budget:
             raise PrivacyBudgetExhausted(
                 "this round would exceed the federation's privacy budget",
-                current_epsilon=check.current_epsilon, projected_epsilon=check.projected_epsilon,
-                budget_epsilon=budget.total_epsilon_budget)
-        return await tx.get("federations.privacy.insert_charge", LedgerEntry, federation_id=federation_id,
-                            round_id=round_id, noise_multiplier=charge.noise_multiplier,
-                            sample_rate=charge.sample_rate, num_steps=charge.num_steps,
-                            round_epsilon_cost=check.round_epsilon, cumulative_epsilon=check.projected_epsilon,
-                            delta=delta)
+                current_epsilon=check.current_epsilon,
+                projected_epsilon=check.projected_epsilon,
+                budget_epsilon=budget.total_epsilon_budget,
+            )
+        return await tx.get(
+            "federations.privacy.insert_charge",
+            LedgerEntry,
+            federation_id=federation_id,
+            round_id=round_id,
+            noise_multiplier=charge.noise_multiplier,
+            sample_rate=charge.sample_rate,
+            num_steps=charge.num_steps,
+            round_epsilon_cost=check.round_epsilon,
+            cumulative_epsilon=check.projected_epsilon,
+            delta=delta,
+        )

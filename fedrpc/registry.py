@@ -56,7 +56,9 @@ class MethodSpec:
         return Caller.PUBLIC in self.allow
 
 
-def rpc_method(allow: Caller, *, errors: Iterable[type[AppError]] = ()) -> Callable[[Handler], Handler]:
+def rpc_method(
+    allow: Caller, *, errors: Iterable[type[AppError]] = ()
+) -> Callable[[Handler], Handler]:
     """Mark an async handler ``(ctx, params) -> result`` as an RPC method."""
 
     def mark(fn: Handler) -> Handler:
@@ -77,8 +79,9 @@ def spec_for(name: str, fn: Handler) -> MethodSpec:
     params_type = hints[args[0]]
     if not (isinstance(params_type, type) and issubclass(params_type, Params)):
         raise TypeError(f"{name}: params must be a schemas._base.Params subclass")
-    return MethodSpec(name, fn, params_type, hints["return"], allow, errors,
-                      msgspec.json.Decoder(params_type))
+    return MethodSpec(
+        name, fn, params_type, hints["return"], allow, errors, msgspec.json.Decoder(params_type)
+    )
 
 
 class Registry:

@@ -30,20 +30,38 @@ class StoredObject:
 
 
 class Storage:
-    def __init__(self, endpoint: str, access_key: str | None, secret_key: str | None,
-                 bucket: str, *, secure: bool = False, region: str = "us-east-1") -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str | None,
+        secret_key: str | None,
+        bucket: str,
+        *,
+        secure: bool = False,
+        region: str = "us-east-1",
+    ) -> None:
         self.bucket = bucket
         http = urllib3.PoolManager(
-            maxsize=16, timeout=urllib3.Timeout(connect=5, read=120),
-            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            maxsize=16,
+            timeout=urllib3.Timeout(connect=5, read=120),
+            retries=urllib3.Retry(
+                total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)
+            ),
         )
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
-                            secure=secure, region=region, http_client=http)
+        self.client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http,
+        )
 
     async def ensure_bucket(self) -> None:
         def make() -> None:
             if not self.client.bucket_exists(self.bucket):
                 self.client.make_bucket(self.bucket)
+
         await _call(make)
 
     async def ping(self) -> bool:
@@ -52,10 +70,15 @@ class Storage:
         except Exception:  # readiness probe: any failure means "not ready"
             return False
 
-    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
+    async def put(
+        self, key: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> StoredObject:
         def put() -> StoredObject:
-            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+            self.client.put_object(
+                self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+            )
             return StoredObject(key, hashlib.sha256(data).hexdigest(), len(data))
+
         return await _call(put)
 
     def get_blocking(self, key: str) -> bytes:
@@ -80,6 +103,7 @@ class Storage:
 
     async def size(self, key: str) -> int | None:
         """The object's size, or None when it does not exist."""
+
         def stat() -> int | None:
             try:
                 return self.client.stat_object(self.bucket, key).size
@@ -87,12 +111,14 @@ class Storage:
                 if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
                     return None
                 raise
+
         return await _call(stat)
 
     async def delete(self, *keys: str) -> None:
         def delete() -> None:
             for key in keys:
                 self.client.remove_object(self.bucket, key)
+
         await _call(delete)
 
     async def delete_quietly(self, keys: list[str]) -> None:
@@ -106,10 +132,14 @@ class Storage:
 
     def presigned_get(self, key: str, expires_seconds: int) -> str:
         # Signing is local computation (no request), so it runs inline.
-        return self.client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=expires_seconds))
+        return self.client.presigned_get_object(
+            self.bucket, key, expires=timedelta(seconds=expires_seconds)
+        )
 
     def presigned_put(self, key: str, expires_seconds: int) -> str:
-        return self.client.presigned_put_object(self.bucket, key, expires=timedelta(seconds=expires_seconds))
+        return self.client.presigned_put_object(
+            self.bucket, key, expires=timedelta(seconds=expires_seconds)
+        )
 
 
 async def _call(fn):

@@ -20,16 +20,31 @@ from schemas.models.versions import ModelVersion
 # must commit together with the version (a privacy charge, the round's state).
 AlongWith = Callable[[Database, int], Awaitable[None]]
 
-FILENAMES = {"safetensors": "weights.safetensors", "torch": "weights.pt", "onnx": "model.onnx",
-             "program": "program.pt2"}
+FILENAMES = {
+    "safetensors": "weights.safetensors",
+    "torch": "weights.pt",
+    "onnx": "model.onnx",
+    "program": "program.pt2",
+}
 
 
-async def publish_version(db: Database, storage: Storage, model_id: str, artifacts: dict[str, bytes], *,
-                          manifest: list[dict[str, Any]], input_shape: list[int | None],
-                          parent_version: int | None = None, round_id: str | None = None,
-                          strategy: str | None = None, num_updates: int = 0, total_samples: int = 0,
-                          metrics: dict[str, Any] | None = None, description: str = "",
-                          along_with: AlongWith | None = None) -> ModelVersion:
+async def publish_version(
+    db: Database,
+    storage: Storage,
+    model_id: str,
+    artifacts: dict[str, bytes],
+    *,
+    manifest: list[dict[str, Any]],
+    input_shape: list[int | None],
+    parent_version: int | None = None,
+    round_id: str | None = None,
+    strategy: str | None = None,
+    num_updates: int = 0,
+    total_samples: int = 0,
+    metrics: dict[str, Any] | None = None,
+    description: str = "",
+    along_with: AlongWith | None = None,
+) -> ModelVersion:
     prefix = f"models/{model_id}/{secrets.token_hex(12)}"
     stored: list[tuple[str, StoredObject]] = []
     try:
@@ -37,18 +52,35 @@ async def publish_version(db: Database, storage: Storage, model_id: str, artifac
             stored.append((kind, await storage.put(f"{prefix}/{FILENAMES[kind]}", data)))
         async with db.transaction() as tx:
             version = await tx.value("models.versions.lock_next_version", model_id=model_id)
-            await tx.run("models.versions.insert_version", model_id=model_id, version=version,
-                         parent_version=parent_version, round_id=round_id, strategy=strategy,
-                         num_updates=num_updates, total_samples=total_samples,
-                         metrics=jsonb(metrics or {}), manifest=jsonb(manifest),
-                         input_shape=jsonb(input_shape), description=description)
+            await tx.run(
+                "models.versions.insert_version",
+                model_id=model_id,
+                version=version,
+                parent_version=parent_version,
+                round_id=round_id,
+                strategy=strategy,
+                num_updates=num_updates,
+                total_samples=total_samples,
+                metrics=jsonb(metrics or {}),
+                manifest=jsonb(manifest),
+                input_shape=jsonb(input_shape),
+                description=description,
+            )
             for kind, obj in stored:
-                await tx.run("models.versions.insert_artifact", model_id=model_id, version=version,
-                             kind=kind, object_key=obj.key, sha256=obj.sha256, size_bytes=obj.size_bytes)
+                await tx.run(
+                    "models.versions.insert_artifact",
+                    model_id=model_id,
+                    version=version,
+                    kind=kind,
+                    object_key=obj.key,
+                    sha256=obj.sha256,
+                    size_bytes=obj.size_bytes,
+                )
             if along_with is not None:
                 await along_with(tx, version)
-            return await tx.get("models.versions.get_version", ModelVersion, model_id=model_id, version=version)
+            return await tx.get(
+                "models.versions.get_version", ModelVersion, model_id=model_id, version=version
+            )
     except BaseException:
         await storage.delete_quietly([obj.key for _, obj in stored])
         raise
-

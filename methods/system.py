@@ -21,5 +21,9 @@ async def ping(ctx: Context, p: PingParams) -> PingResult:
 @rpc_method(PUBLIC)
 async def version_(ctx: Context, p: VersionParams) -> VersionResult:
     """The server's version; callable without a token."""
-    return VersionResult(version=__version__, openrpc="1.3.2", python=platform.python_version(),
-                         torch=version("torch"))
+    return VersionResult(
+        version=__version__,
+        openrpc="1.3.2",
+        python=platform.python_version(),
+        torch=version("torch"),
+    )

@@ -18,8 +18,22 @@ async def create(ctx: Context, p: CreateParams) -> CreateResult:
     upload_id = new_id("upl")
     key = upload_key(ctx.org_id, upload_id)
     expires = ctx.settings.presign_expiry_seconds
-    expires_at = await ctx.db.value("uploads.insert_upload", id=upload_id, org_id=ctx.org_id, device_id=ctx.principal.device_id,
-                                    object_key=key, size_bytes=p.size_bytes, sha256=p.sha256,
-                                    purpose=p.purpose, expires_seconds=expires)
-    return CreateResult(upload_id=upload_id, url=ctx.storage.presigned_put(key, expires), method="PUT",
-                        size_bytes=p.size_bytes, sha256=p.sha256, expires_at=expires_at)
+    expires_at = await ctx.db.value(
+        "uploads.insert_upload",
+        id=upload_id,
+        org_id=ctx.org_id,
+        device_id=ctx.principal.device_id,
+        object_key=key,
+        size_bytes=p.size_bytes,
+        sha256=p.sha256,
+        purpose=p.purpose,
+        expires_seconds=expires,
+    )
+    return CreateResult(
+        upload_id=upload_id,
+        url=ctx.storage.presigned_put(key, expires),
+        method="PUT",
+        size_bytes=p.size_bytes,
+        sha256=p.sha256,
+        expires_at=expires_at,
+    )

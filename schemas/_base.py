@@ -13,7 +13,11 @@ class Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 IdempotencyKey = Annotated[
     str,
-    msgspec.Meta(min_length=1, max_length=128, description="Replays with the same key return the first result."),
+    msgspec.Meta(
+        min_length=1,
+        max_length=128,
+        description="Replays with the same key return the first result.",
+    ),
 ]
 
 

@@ -54,10 +54,16 @@ def database_url(services: Services) -> Iterator[str]:
 
 @pytest.fixture
 def settings(services: Services, database_url: str) -> Settings:
-    return Settings(database_url=database_url, s3_endpoint=services.s3_endpoint,
-                    s3_access_key=services.s3_access_key, s3_secret_key=services.s3_secret_key,
-                    s3_bucket="b-" + secrets.token_hex(6), db_pool_min=1, db_pool_max=4,
-                    auth_cache_seconds=0.0)
+    return Settings(
+        database_url=database_url,
+        s3_endpoint=services.s3_endpoint,
+        s3_access_key=services.s3_access_key,
+        s3_secret_key=services.s3_secret_key,
+        s3_bucket="b-" + secrets.token_hex(6),
+        db_pool_min=1,
+        db_pool_max=4,
+        auth_cache_seconds=0.0,
+    )
 
 
 class RpcClient:
@@ -76,7 +82,9 @@ class RpcClient:
         text = await resp.read()
         return resp, (msgspec.json.decode(text) if text else None)
 
-    async def call(self, method: str, params: Any = None, token: str | None = None, id_: Any = 1) -> dict:
+    async def call(
+        self, method: str, params: Any = None, token: str | None = None, id_: Any = 1
+    ) -> dict:
         """The whole response object of one call."""
         envelope = {"jsonrpc": "2.0", "method": method, "id": id_}
         if params is not None:
@@ -114,7 +122,9 @@ def make_org(client: RpcClient):
     from fedrpc.rpc import SERVICES
 
     async def make(name: str | None = None) -> OrgHandle:
-        org, token = await create_org(client.app[SERVICES].db, name or "org-" + secrets.token_hex(4))
+        org, token = await create_org(
+            client.app[SERVICES].db, name or "org-" + secrets.token_hex(4)
+        )
         return OrgHandle(org.id, token)
 
     return make
@@ -130,13 +140,25 @@ async def other_org(make_org) -> OrgHandle:
     return await make_org("globex")
 
 
-DEVICE_DEFAULTS = {"platform": "android", "os_version": "14", "model": "Pixel 8", "app_version": "1.0.0",
-                   "capabilities": {"battery_pct": 80, "charging": True, "network_type": "wifi",
-                                    "available_storage_mb": 2048}}
+DEVICE_DEFAULTS = {
+    "platform": "android",
+    "os_version": "14",
+    "model": "Pixel 8",
+    "app_version": "1.0.0",
+    "capabilities": {
+        "battery_pct": 80,
+        "charging": True,
+        "network_type": "wifi",
+        "available_storage_mb": 2048,
+    },
+}
 
 
 async def register_device(client: RpcClient, org_token: str, **overrides: Any) -> dict:
     """A registered device (its result, with `token`)."""
     capabilities = {**DEVICE_DEFAULTS["capabilities"], **overrides.pop("capabilities", {})}
-    return await client.ok("devices.register", {**DEVICE_DEFAULTS, **overrides, "capabilities": capabilities},
-                           org_token)
+    return await client.ok(
+        "devices.register",
+        {**DEVICE_DEFAULTS, **overrides, "capabilities": capabilities},
+        org_token,
+    )

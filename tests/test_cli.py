@@ -12,8 +12,13 @@ import psycopg
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedrpc.cli", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fedrpc.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_migrate_is_idempotent_and_create_org_prints_a_working_key(database_url):
@@ -36,5 +41,7 @@ async def test_call_prints_the_result_and_fails_on_errors(client, org):
     ok = await asyncio.to_thread(run_cli, "call", "orgs.get", "--params", "{}", env=env)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["id"] == org.id
-    bad = await asyncio.to_thread(run_cli, "call", "models.get", "--params", '{"model_id": "nope"}', env=env)
+    bad = await asyncio.to_thread(
+        run_cli, "call", "models.get", "--params", '{"model_id": "nope"}', env=env
+    )
     assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["code"] == -32602

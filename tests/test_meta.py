@@ -22,7 +22,9 @@ def test_every_method_has_a_summary_params_and_result():
     for spec in registry:
         assert spec.summary, f"{spec.name} has no summary (first line of its Params docstring)"
         assert issubclass(spec.params_type, Params), spec.name
-        assert isinstance(spec.result_type, type) and issubclass(spec.result_type, Result), spec.name
+        assert isinstance(spec.result_type, type) and issubclass(spec.result_type, Result), (
+            spec.name
+        )
         assert spec.description, f"{spec.name} handler has no docstring"
 
 
@@ -36,24 +38,34 @@ def test_method_names_follow_their_module_path():
 
 def _sources() -> list[ast.AST]:
     # Kernels never query, so only the engine and the handlers are read.
-    return [ast.parse(p.read_text()) for p in [*ROOT.glob("fedrpc/*.py"), *ROOT.glob("methods/**/*.py")]]
+    return [
+        ast.parse(p.read_text()) for p in [*ROOT.glob("fedrpc/*.py"), *ROOT.glob("methods/**/*.py")]
+    ]
 
 
 def _query_names_called() -> set[str]:
     """First arguments of db helper calls (ctx.db.get("ns.name", ...))."""
     return {
         node.args[0].value
-        for tree in _sources() for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-        and node.func.attr in QUERY_HELPERS and node.args
-        and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+        for tree in _sources()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in QUERY_HELPERS
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
         and "." in node.args[0].value
     }
 
 
 def _string_constants() -> set[str]:
-    return {node.value for tree in _sources() for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    return {
+        node.value
+        for tree in _sources()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
 
 
 def test_every_sql_query_is_used_and_every_used_query_exists():
@@ -63,8 +75,24 @@ def test_every_sql_query_is_used_and_every_used_query_exists():
 
 
 def test_every_query_has_a_description_and_a_verb_first_name():
-    verbs = ("get_", "find_", "list_", "count_", "insert_", "update_", "upsert_", "delete_", "claim_",
-             "charge_", "lock_", "release_", "complete_", "revoke_", "touch_", "add_")
+    verbs = (
+        "get_",
+        "find_",
+        "list_",
+        "count_",
+        "insert_",
+        "update_",
+        "upsert_",
+        "delete_",
+        "claim_",
+        "charge_",
+        "lock_",
+        "release_",
+        "complete_",
+        "revoke_",
+        "touch_",
+        "add_",
+    )
     for name, query in load_queries().items():
         assert query.doc, f"{name} has no description line"
         assert name.rsplit(".", 1)[1].startswith(verbs), name

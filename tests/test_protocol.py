@@ -71,9 +71,15 @@ async def explode(ctx, p: NoParams) -> None:
 
 def spec_registry() -> Registry:
     registry = Registry.from_package()
-    for name, fn in [("subtract", subtract), ("sum", sum_), ("update", update),
-                     ("notify_hello", notify_hello), ("notify_sum", sum_), ("get_data", get_data),
-                     ("explode", explode)]:
+    for name, fn in [
+        ("subtract", subtract),
+        ("sum", sum_),
+        ("update", update),
+        ("notify_hello", notify_hello),
+        ("notify_sum", sum_),
+        ("get_data", get_data),
+        ("explode", explode),
+    ]:
         registry.add(spec_for(name, fn))
     return registry
 
@@ -85,45 +91,74 @@ async def spec_client(aiohttp_client, settings) -> RpcClient:
 
 # Section 7 of the JSON-RPC 2.0 specification, request -> expected answer (None: no answer).
 SPEC_EXAMPLES = [
-    ('{"jsonrpc": "2.0", "method": "subtract", "params": [42, 23], "id": 1}',
-     {"jsonrpc": "2.0", "result": 19, "id": 1}),
-    ('{"jsonrpc": "2.0", "method": "subtract", "params": [23, 42], "id": 2}',
-     {"jsonrpc": "2.0", "result": -19, "id": 2}),
-    ('{"jsonrpc": "2.0", "method": "subtract", "params": {"subtrahend": 23, "minuend": 42}, "id": 3}',
-     {"jsonrpc": "2.0", "result": 19, "id": 3}),
-    ('{"jsonrpc": "2.0", "method": "subtract", "params": {"minuend": 42, "subtrahend": 23}, "id": 4}',
-     {"jsonrpc": "2.0", "result": 19, "id": 4}),
+    (
+        '{"jsonrpc": "2.0", "method": "subtract", "params": [42, 23], "id": 1}',
+        {"jsonrpc": "2.0", "result": 19, "id": 1},
+    ),
+    (
+        '{"jsonrpc": "2.0", "method": "subtract", "params": [23, 42], "id": 2}',
+        {"jsonrpc": "2.0", "result": -19, "id": 2},
+    ),
+    (
+        '{"jsonrpc": "2.0", "method": "subtract", "params": {"subtrahend": 23, "minuend": 42}, "id": 3}',
+        {"jsonrpc": "2.0", "result": 19, "id": 3},
+    ),
+    (
+        '{"jsonrpc": "2.0", "method": "subtract", "params": {"minuend": 42, "subtrahend": 23}, "id": 4}',
+        {"jsonrpc": "2.0", "result": 19, "id": 4},
+    ),
     ('{"jsonrpc": "2.0", "method": "update", "params": [1,2,3,4,5]}', None),
     ('{"jsonrpc": "2.0", "method": "foobar"}', None),
-    ('{"jsonrpc": "2.0", "method": "foobar", "id": "1"}',
-     {"jsonrpc": "2.0", "error": {"code": -32601, "message": "Method not found"}, "id": "1"}),
-    ('{"jsonrpc": "2.0", "method": "foobar, "params": "bar", "baz]',
-     {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None}),
-    ('{"jsonrpc": "2.0", "method": 1, "params": "bar"}',
-     {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": None}),
-    ('[{"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"}, {"jsonrpc": "2.0", "method"]',
-     {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None}),
+    (
+        '{"jsonrpc": "2.0", "method": "foobar", "id": "1"}',
+        {"jsonrpc": "2.0", "error": {"code": -32601, "message": "Method not found"}, "id": "1"},
+    ),
+    (
+        '{"jsonrpc": "2.0", "method": "foobar, "params": "bar", "baz]',
+        {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None},
+    ),
+    (
+        '{"jsonrpc": "2.0", "method": 1, "params": "bar"}',
+        {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": None},
+    ),
+    (
+        '[{"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"}, {"jsonrpc": "2.0", "method"]',
+        {"jsonrpc": "2.0", "error": {"code": -32700, "message": "Parse error"}, "id": None},
+    ),
     ("[]", {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": None}),
-    ("[1]", [{"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": None}]),
-    ("[1,2,3]", [{"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": None}] * 3),
-    ("""[
+    (
+        "[1]",
+        [{"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": None}],
+    ),
+    (
+        "[1,2,3]",
+        [{"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": None}]
+        * 3,
+    ),
+    (
+        """[
         {"jsonrpc": "2.0", "method": "sum", "params": [1,2,4], "id": "1"},
         {"jsonrpc": "2.0", "method": "notify_hello", "params": [7]},
         {"jsonrpc": "2.0", "method": "subtract", "params": [42,23], "id": "2"},
         {"foo": "boo"},
         {"jsonrpc": "2.0", "method": "foo.get", "params": {"name": "myself"}, "id": "5"},
         {"jsonrpc": "2.0", "method": "get_data", "id": "9"}
-    ]""", [
-        {"jsonrpc": "2.0", "result": 7, "id": "1"},
-        {"jsonrpc": "2.0", "result": 19, "id": "2"},
-        {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": None},
-        {"jsonrpc": "2.0", "error": {"code": -32601, "message": "Method not found"}, "id": "5"},
-        {"jsonrpc": "2.0", "result": ["hello", 5], "id": "9"},
-    ]),
-    ("""[
+    ]""",
+        [
+            {"jsonrpc": "2.0", "result": 7, "id": "1"},
+            {"jsonrpc": "2.0", "result": 19, "id": "2"},
+            {"jsonrpc": "2.0", "error": {"code": -32600, "message": "Invalid Request"}, "id": None},
+            {"jsonrpc": "2.0", "error": {"code": -32601, "message": "Method not found"}, "id": "5"},
+            {"jsonrpc": "2.0", "result": ["hello", 5], "id": "9"},
+        ],
+    ),
+    (
+        """[
         {"jsonrpc": "2.0", "method": "notify_sum", "params": [1,2,4]},
         {"jsonrpc": "2.0", "method": "notify_hello", "params": [7]}
-    ]""", None),
+    ]""",
+        None,
+    ),
 ]
 
 
@@ -138,7 +173,9 @@ def _without_data(answer: Any) -> Any:
 
 
 @pytest.mark.parametrize(("request_text", "expected"), SPEC_EXAMPLES)
-async def test_specification_examples_get_the_specified_answers(spec_client, request_text, expected):
+async def test_specification_examples_get_the_specified_answers(
+    spec_client, request_text, expected
+):
     resp, body = await spec_client.post(request_text.encode(), raw=True)
     if expected is None:
         assert resp.status == 204 and body is None
@@ -149,7 +186,9 @@ async def test_specification_examples_get_the_specified_answers(spec_client, req
 
 async def test_notifications_run_their_handler(spec_client):
     SPEC_CALLS.clear()
-    await spec_client.post(b'{"jsonrpc": "2.0", "method": "update", "params": [1,2,3,4,5]}', raw=True)
+    await spec_client.post(
+        b'{"jsonrpc": "2.0", "method": "update", "params": [1,2,3,4,5]}', raw=True
+    )
     assert SPEC_CALLS == ["update"]
 
 
@@ -159,15 +198,18 @@ async def test_ids_are_echoed_with_their_type(spec_client, id_):
     assert body["id"] == id_ and type(body["id"]) is type(id_)
 
 
-@pytest.mark.parametrize(("bad", "echoed_id"), [
-    ('{"jsonrpc": "1.0", "method": "get_data", "id": 1}', 1),
-    ('{"method": "get_data", "id": 1}', 1),
-    ('{"jsonrpc": "2.0", "method": "get_data", "id": {"a": 1}}', None),
-    ('{"jsonrpc": "2.0", "method": "get_data", "id": true}', None),
-    ('{"jsonrpc": "2.0", "method": "get_data", "params": 3, "id": 1}', 1),
-    ('"just a string"', None),
-    ("42", None),
-])
+@pytest.mark.parametrize(
+    ("bad", "echoed_id"),
+    [
+        ('{"jsonrpc": "1.0", "method": "get_data", "id": 1}', 1),
+        ('{"method": "get_data", "id": 1}', 1),
+        ('{"jsonrpc": "2.0", "method": "get_data", "id": {"a": 1}}', None),
+        ('{"jsonrpc": "2.0", "method": "get_data", "id": true}', None),
+        ('{"jsonrpc": "2.0", "method": "get_data", "params": 3, "id": 1}', 1),
+        ('"just a string"', None),
+        ("42", None),
+    ],
+)
 async def test_malformed_request_objects_are_invalid_requests(spec_client, bad, echoed_id):
     _, body = await spec_client.post(bad.encode(), raw=True)
     assert body["error"]["code"] == -32600 and body["error"]["data"]["type"] == "bad_request"
@@ -204,7 +246,9 @@ async def test_batches_longer_than_the_limit_are_refused(spec_client):
 async def test_oversized_bodies_get_413_and_a_jsonrpc_error(aiohttp_client, settings):
     small = msgspec.structs.replace(settings, max_body_bytes=1024)
     client = RpcClient(await aiohttp_client(create_app(small)))
-    resp, body = await client.post({"jsonrpc": "2.0", "method": "system.version", "id": 1, "params": {"x": "a" * 2000}})
+    resp, body = await client.post(
+        {"jsonrpc": "2.0", "method": "system.version", "id": 1, "params": {"x": "a" * 2000}}
+    )
     assert resp.status == 413 and body["error"]["data"]["type"] == "payload_too_large"
 
 
@@ -212,7 +256,9 @@ async def test_calls_without_a_token_get_401(client):
     resp, body = await client.post({"jsonrpc": "2.0", "method": "system.ping", "id": 1})
     assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
     assert body["error"]["data"]["type"] == "unauthorized"
-    resp, body = await client.post({"jsonrpc": "2.0", "method": "system.ping", "id": 1}, token="fk_not-a-real-key")
+    resp, body = await client.post(
+        {"jsonrpc": "2.0", "method": "system.ping", "id": 1}, token="fk_not-a-real-key"
+    )
     assert resp.status == 401 and body["error"]["data"]["type"] == "unauthorized"
 
 
@@ -225,6 +271,7 @@ async def test_rate_limit_answers_429_with_retry_after(aiohttp_client, settings,
     client = RpcClient(await aiohttp_client(create_app(tight)))
     from fedrpc.admin import create_org
     from fedrpc.rpc import SERVICES
+
     _, token = await create_org(client.app[SERVICES].db, "limited")
     statuses = []
     for _ in range(4):
@@ -232,7 +279,10 @@ async def test_rate_limit_answers_429_with_retry_after(aiohttp_client, settings,
         statuses.append(resp.status)
     assert statuses == [200, 200, 200, 429]
     assert int(resp.headers["Retry-After"]) >= 1
-    assert body["error"]["data"]["type"] == "rate_limited" and body["error"]["data"]["retry_after"] >= 1
+    assert (
+        body["error"]["data"]["type"] == "rate_limited"
+        and body["error"]["data"]["retry_after"] >= 1
+    )
 
 
 async def test_openrpc_document_is_valid_and_lists_every_method(client):
@@ -251,7 +301,9 @@ def validate_openrpc(meta: dict, document: dict) -> None:
     from referencing import Resource
     from referencing.jsonschema import DRAFT7
 
-    draft7 = Resource.from_contents(jsonschema.Draft7Validator.META_SCHEMA, default_specification=DRAFT7)
+    draft7 = Resource.from_contents(
+        jsonschema.Draft7Validator.META_SCHEMA, default_specification=DRAFT7
+    )
     refs = RefRegistry().with_resource("https://meta.json-schema.tools", draft7)
     jsonschema.Draft7Validator(meta, registry=refs).validate(document)
 

@@ -39,7 +39,14 @@ from fedrpc.fl.strategies import (
     multikrum,
 )
 
-__all__ = ["ROBUST", "STREAMING", "Outcome", "aggregate_robust", "aggregate_streaming", "check_strategy"]
+__all__ = [
+    "ROBUST",
+    "STREAMING",
+    "Outcome",
+    "aggregate_robust",
+    "aggregate_streaming",
+    "check_strategy",
+]
 
 # name -> {parameter: default}; None means required. Defaults are Flower's, so a
 # configuration moved from Flower behaves the same.
@@ -78,7 +85,9 @@ def check_strategy(name: str, params: Mapping[str, float], *, dp: bool = False) 
     allowed = PARAMETERS[name]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise InvalidInput(f"{name} takes no parameter {unknown[0]!r}; it takes {sorted(allowed) or 'none'}")
+        raise InvalidInput(
+            f"{name} takes no parameter {unknown[0]!r}; it takes {sorted(allowed) or 'none'}"
+        )
     full: dict[str, float] = {}
     for key, default in allowed.items():
         value = params.get(key, default)
@@ -90,7 +99,9 @@ def check_strategy(name: str, params: Mapping[str, float], *, dp: bool = False) 
             raise InvalidInput(f"{key} must be a whole number >= 0")
         full[key] = int(value) if key in INTEGER_PARAMETERS else float(value)
     if dp and name in ROBUST:
-        raise InvalidInput(f"central differential privacy needs a FedAvg-family strategy, not {name}")
+        raise InvalidInput(
+            f"central differential privacy needs a FedAvg-family strategy, not {name}"
+        )
     return full
 
 
@@ -121,16 +132,23 @@ def aggregate_streaming(
     if dp is not None:
         if rng is None:
             raise InvalidInput("central DP needs a random generator")
-        acc = CentralDPAccumulator(size, noise_multiplier=dp[0], clipping_norm=dp[1],
-                                   base=base if update_format == "weights" else None)
+        acc = CentralDPAccumulator(
+            size,
+            noise_multiplier=dp[0],
+            clipping_norm=dp[1],
+            base=base if update_format == "weights" else None,
+        )
         for vector, _samples in updates:
             acc.add(vector)
         if acc.count == 0:
             raise InvalidInput("there are no updates to aggregate")
         noised = acc.finish(rng)
         mean_delta = noised.vector
-        metrics = {"dp_fraction_clipped": noised.fraction_clipped, "dp_noise_std": noised.noise_std,
-                   "dp_num_clipped": float(noised.num_clipped)}
+        metrics = {
+            "dp_fraction_clipped": noised.fraction_clipped,
+            "dp_noise_std": noised.noise_std,
+            "dp_num_clipped": float(noised.num_clipped),
+        }
     else:
         avg = FedAvgAccumulator(size)
         for vector, samples in updates:
@@ -176,8 +194,13 @@ def aggregate_robust(
         if name == "krum":
             chosen = krum(sources, num_malicious=p["num_malicious"], **budget)
         elif name == "multikrum":
-            chosen = multikrum(sources, num_malicious=p["num_malicious"], num_to_keep=p["num_to_keep"],
-                               num_samples=list(num_samples), **budget)
+            chosen = multikrum(
+                sources,
+                num_malicious=p["num_malicious"],
+                num_to_keep=p["num_to_keep"],
+                num_samples=list(num_samples),
+                **budget,
+            )
         else:
             chosen = bulyan(sources, num_malicious=p["num_malicious"], **budget)
         combined = chosen.vector

@@ -19,7 +19,11 @@ def weighted_means(reports: Iterable[tuple[Mapping[str, object], int]]) -> dict[
     weights: dict[str, int] = {}
     for metrics, samples in reports:
         for name, value in metrics.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
                 continue
             sums[name] = sums.get(name, 0.0) + float(value) * samples
             weights[name] = weights.get(name, 0) + samples

@@ -32,8 +32,14 @@ def _quota(total: int, k: int, strata: dict[str, int]) -> dict[str, int]:
     return quota
 
 
-def select_devices(eligible: Sequence[tuple[str, str]], k: int, rng: np.random.Generator, *,
-                   fraction: float | None = None, stratify: bool = False) -> list[str]:
+def select_devices(
+    eligible: Sequence[tuple[str, str]],
+    k: int,
+    rng: np.random.Generator,
+    *,
+    fraction: float | None = None,
+    stratify: bool = False,
+) -> list[str]:
     """Pick devices uniformly at random without replacement.
 
     Parameters

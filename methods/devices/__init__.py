@@ -128,7 +128,10 @@ async def sync(ctx: Context, p: SyncParams) -> SyncResult:
         raise Forbidden("this device has been revoked")
     expires = ctx.settings.presign_expiry_seconds
     offers = [
-        msgspec.convert({**o, "weights_url": ctx.storage.presigned_get(o.pop("object_key"), expires)}, RoundOffer)
+        msgspec.convert(
+            {**o, "weights_url": ctx.storage.presigned_get(o.pop("object_key"), expires)},
+            RoundOffer,
+        )
         for o in beat.round_offers
     ]
     return SyncResult(

@@ -17,9 +17,9 @@ from schemas.federations import (
     ListParams,
     ListResult,
     Member,
+    Membership,
     MembersParams,
     MembersResult,
-    Membership,
 )
 
 
@@ -30,12 +30,21 @@ async def create(ctx: Context, p: CreateParams) -> Federation:
     policy = p.privacy_policy
     async with ctx.db.transaction() as tx:
         federation = await tx.get(
-            "federations.insert_federation", Federation, id=new_id("fed"), name=p.name,
-            description=p.description, owner_org_id=ctx.org_id,
+            "federations.insert_federation",
+            Federation,
+            id=new_id("fed"),
+            name=p.name,
+            description=p.description,
+            owner_org_id=ctx.org_id,
             total_epsilon_budget=policy.total_epsilon_budget if policy else None,
-            total_delta_budget=policy.total_delta_budget if policy else None)
-        await tx.run("federations.insert_owner_membership", id=new_id("inv"), federation_id=federation.id,
-                     org_id=ctx.org_id)
+            total_delta_budget=policy.total_delta_budget if policy else None,
+        )
+        await tx.run(
+            "federations.insert_owner_membership",
+            id=new_id("inv"),
+            federation_id=federation.id,
+            org_id=ctx.org_id,
+        )
     return federation
 
 
@@ -44,8 +53,12 @@ async def list_(ctx: Context, p: ListParams) -> ListResult:
     """The federations the caller's organization owns or is an active member of."""
     require_org(ctx.principal, p.org_id or ctx.org_id)
     args = {"org_id": ctx.org_id, "name": p.name}
-    items = await ctx.db.all("federations.list_federations", Federation, limit=p.limit, offset=p.offset, **args)
-    return ListResult(items=items, total=await ctx.db.value("federations.count_federations", **args))
+    items = await ctx.db.all(
+        "federations.list_federations", Federation, limit=p.limit, offset=p.offset, **args
+    )
+    return ListResult(
+        items=items, total=await ctx.db.value("federations.count_federations", **args)
+    )
 
 
 @rpc_method(ORG)
@@ -60,8 +73,12 @@ async def invite(ctx: Context, p: InviteParams) -> InviteResult:
     await federation_for_owner(ctx, p.federation_id)
     if await ctx.db.value("federations.count_orgs", org_ids=p.org_ids) != len(set(p.org_ids)):
         raise NotFound("one of org_ids is not an organization")
-    rows = await ctx.db.all("federations.upsert_invitations", Membership, federation_id=p.federation_id,
-                            org_ids=p.org_ids)
+    rows = await ctx.db.all(
+        "federations.upsert_invitations",
+        Membership,
+        federation_id=p.federation_id,
+        org_ids=p.org_ids,
+    )
     return InviteResult(invitations=rows)
 
 
@@ -72,8 +89,12 @@ async def join(ctx: Context, p: JoinParams) -> Membership:
     found = await federation_role(ctx, p.federation_id)
     if found.role == "none":
         raise Forbidden("the organization has not been invited to this federation")
-    return await ctx.db.get("federations.update_membership_joined", Membership,
-                            federation_id=p.federation_id, org_id=ctx.org_id)
+    return await ctx.db.get(
+        "federations.update_membership_joined",
+        Membership,
+        federation_id=p.federation_id,
+        org_id=ctx.org_id,
+    )
 
 
 @rpc_method(ORG)

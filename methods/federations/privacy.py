@@ -26,26 +26,40 @@ async def get(ctx: Context, p: GetParams) -> PrivacyState:
     fed = await federation_for_member(ctx, p.federation_id)
     delta = fed.total_delta_budget or DEFAULT_DELTA
     # Pricing an empty round is not possible, so price the cheapest one and read current_epsilon.
-    check = await price(ctx.db, fed.id, RoundCharge(1.0, 1e-12, 1), delta=delta,
-                        epsilon_budget=fed.total_epsilon_budget)
+    check = await price(
+        ctx.db,
+        fed.id,
+        RoundCharge(1.0, 1e-12, 1),
+        delta=delta,
+        epsilon_budget=fed.total_epsilon_budget,
+    )
     rounds = await ctx.db.value("federations.privacy.count_ledger", federation_id=fed.id)
     has_budget = fed.total_epsilon_budget is not None
     return PrivacyState(
         federation_id=fed.id,
-        budget=Budget(total_epsilon_budget=fed.total_epsilon_budget, total_delta_budget=delta) if has_budget else None,
-        total_epsilon_budget=fed.total_epsilon_budget, total_delta_budget=fed.total_delta_budget, delta=delta,
+        budget=Budget(total_epsilon_budget=fed.total_epsilon_budget, total_delta_budget=delta)
+        if has_budget
+        else None,
+        total_epsilon_budget=fed.total_epsilon_budget,
+        total_delta_budget=fed.total_delta_budget,
+        delta=delta,
         current_epsilon_spent=check.current_epsilon,
         epsilon_remaining=check.epsilon_remaining if has_budget else None,
         is_exhausted=has_budget and check.current_epsilon >= fed.total_epsilon_budget,
-        rounds_tracked=rounds)
+        rounds_tracked=rounds,
+    )
 
 
 @rpc_method(ORG)
 async def set_budget(ctx: Context, p: SetBudgetParams) -> PrivacyState:
     """Set the budget (owner only); the history is kept, a budget below the spent epsilon exhausts it."""
     await federation_for_owner(ctx, p.federation_id)
-    await ctx.db.run("federations.privacy.update_budget", federation_id=p.federation_id,
-                     total_epsilon_budget=p.total_epsilon_budget, total_delta_budget=p.total_delta_budget)
+    await ctx.db.run(
+        "federations.privacy.update_budget",
+        federation_id=p.federation_id,
+        total_epsilon_budget=p.total_epsilon_budget,
+        total_delta_budget=p.total_delta_budget,
+    )
     return await get(ctx, GetParams(federation_id=p.federation_id))
 
 
@@ -54,20 +68,36 @@ async def estimate(ctx: Context, p: EstimateParams) -> Estimate:
     """Price one more round against the budget without recording anything."""
     fed = await federation_for_member(ctx, p.federation_id)
     delta = p.target_delta or fed.total_delta_budget or DEFAULT_DELTA
-    check = await price(ctx.db, fed.id, RoundCharge(p.noise_multiplier, p.sample_rate, p.num_steps), delta=delta,
-                        epsilon_budget=fed.total_epsilon_budget, accountant=p.accountant)
-    return Estimate(federation_id=fed.id, accountant=p.accountant, target_delta=delta,
-                    current_epsilon=check.current_epsilon, projected_epsilon=check.projected_epsilon,
-                    round_epsilon_cost=check.round_epsilon,
-                    would_exceed_budget=fed.total_epsilon_budget is not None and check.exceeds_budget,
-                    budget_epsilon=fed.total_epsilon_budget)
+    check = await price(
+        ctx.db,
+        fed.id,
+        RoundCharge(p.noise_multiplier, p.sample_rate, p.num_steps),
+        delta=delta,
+        epsilon_budget=fed.total_epsilon_budget,
+        accountant=p.accountant,
+    )
+    return Estimate(
+        federation_id=fed.id,
+        accountant=p.accountant,
+        target_delta=delta,
+        current_epsilon=check.current_epsilon,
+        projected_epsilon=check.projected_epsilon,
+        round_epsilon_cost=check.round_epsilon,
+        would_exceed_budget=fed.total_epsilon_budget is not None and check.exceeds_budget,
+        budget_epsilon=fed.total_epsilon_budget,
+    )
 
 
 @rpc_method(ORG)
 async def history(ctx: Context, p: HistoryParams) -> HistoryResult:
     """One row per charged round, oldest first, with the composed epsilon after it."""
     await federation_for_member(ctx, p.federation_id)
-    items = await ctx.db.all("federations.privacy.list_ledger", LedgerEntry, federation_id=p.federation_id,
-                             limit=p.limit, offset=p.offset)
+    items = await ctx.db.all(
+        "federations.privacy.list_ledger",
+        LedgerEntry,
+        federation_id=p.federation_id,
+        limit=p.limit,
+        offset=p.offset,
+    )
     total = await ctx.db.value("federations.privacy.count_ledger", federation_id=p.federation_id)
     return HistoryResult(federation_id=p.federation_id, items=items, total=total)

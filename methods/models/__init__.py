@@ -15,8 +15,16 @@ constraint_message("models_org_name_key", "the organization already has a model 
 @rpc_method(ORG)
 async def create(ctx: Context, p: CreateParams) -> Model:
     """Create a model; its versions are registered with models.versions.create."""
-    return await ctx.db.get("models.insert_model", Model, id=new_id("mdl"), org_id=ctx.org_id, name=p.name,
-                            framework=p.framework, use_case=p.use_case, description=p.description)
+    return await ctx.db.get(
+        "models.insert_model",
+        Model,
+        id=new_id("mdl"),
+        org_id=ctx.org_id,
+        name=p.name,
+        framework=p.framework,
+        use_case=p.use_case,
+        description=p.description,
+    )
 
 
 @rpc_method(ORG)

@@ -31,8 +31,12 @@ def _checked_artifacts(weights: bytes, encoding: str, onnx: bytes, program: byte
     """Validate the bundle and store the weights in both encodings (runs in a worker thread)."""
     info = validate_bundle(weights, encoding, onnx, program, np.random.default_rng())
     state = decode_state_dict(weights, encoding, field="weights")
-    artifacts = {"safetensors": encode_safetensors(state), "torch": encode_torch(state),
-                 "onnx": onnx, "program": program}
+    artifacts = {
+        "safetensors": encode_safetensors(state),
+        "torch": encode_torch(state),
+        "onnx": onnx,
+        "program": program,
+    }
     return info, artifacts
 
 
@@ -42,43 +46,83 @@ async def create(ctx: Context, p: CreateParams) -> ModelVersion:
     await model_for_writing(ctx, p.model_id)
     payloads = {"weights": p.weights, "onnx": p.onnx, "program": p.program}
     async with payload_bytes(ctx, payloads, "model_artifact") as blobs:
-        info, artifacts = await asyncio.to_thread(_checked_artifacts, blobs["weights"], p.weights_encoding,
-                                                  blobs["onnx"], blobs["program"])
-        return await publish_version(ctx.db, ctx.storage, p.model_id, artifacts, manifest=manifest_to_json(info.manifest),
-                                     input_shape=list(info.input_shape), description=p.description)
+        info, artifacts = await asyncio.to_thread(
+            _checked_artifacts,
+            blobs["weights"],
+            p.weights_encoding,
+            blobs["onnx"],
+            blobs["program"],
+        )
+        return await publish_version(
+            ctx.db,
+            ctx.storage,
+            p.model_id,
+            artifacts,
+            manifest=manifest_to_json(info.manifest),
+            input_shape=list(info.input_shape),
+            description=p.description,
+        )
 
 
 @rpc_method(ORG_OR_DEVICE)
 async def list_(ctx: Context, p: ListParams) -> ListResult:
     """A model's versions, newest first."""
     await model_for_reading(ctx, p.model_id)
-    items = await ctx.db.all("models.versions.list_versions", ModelVersion, model_id=p.model_id,
-                             limit=p.limit, offset=p.offset)
-    return ListResult(items=items, total=await ctx.db.value("models.versions.count_versions", model_id=p.model_id))
+    items = await ctx.db.all(
+        "models.versions.list_versions",
+        ModelVersion,
+        model_id=p.model_id,
+        limit=p.limit,
+        offset=p.offset,
+    )
+    return ListResult(
+        items=items, total=await ctx.db.value("models.versions.count_versions", model_id=p.model_id)
+    )
 
 
 @rpc_method(ORG_OR_DEVICE)
 async def get(ctx: Context, p: GetParams) -> ModelVersion:
     """One version (the latest when none is named)."""
     await model_for_reading(ctx, p.model_id)
-    return await ctx.db.get("models.versions.get_version", ModelVersion, model_id=p.model_id,
-                            version=p.version, missing="no such version of this model")
+    return await ctx.db.get(
+        "models.versions.get_version",
+        ModelVersion,
+        model_id=p.model_id,
+        version=p.version,
+        missing="no such version of this model",
+    )
 
 
 @rpc_method(ORG_OR_DEVICE)
 async def download(ctx: Context, p: DownloadParams) -> DownloadResult:
     """Presigned GET URLs for a version's artifacts, with their sha256 and the tensor manifest."""
     version = await get(ctx, GetParams(model_id=p.model_id, version=p.version))
-    objects = await ctx.db.all("models.versions.list_artifact_objects", _Object, model_id=p.model_id,
-                               version=version.version)
+    objects = await ctx.db.all(
+        "models.versions.list_artifact_objects",
+        _Object,
+        model_id=p.model_id,
+        version=version.version,
+    )
     wanted = [o for o in objects if p.kinds is None or o.kind in p.kinds]
     if not wanted:
         raise NotFound("the version has none of the requested artifacts")
     expires = ctx.settings.presign_expiry_seconds
-    links = [DownloadLink(kind=o.kind, url=ctx.storage.presigned_get(o.object_key, expires), sha256=o.sha256,
-                          size_bytes=o.size_bytes) for o in wanted]
-    return DownloadResult(model_id=p.model_id, version=version.version, manifest=version.manifest,
-                          expires_at=datetime.now(UTC) + timedelta(seconds=expires), artifacts=links)
+    links = [
+        DownloadLink(
+            kind=o.kind,
+            url=ctx.storage.presigned_get(o.object_key, expires),
+            sha256=o.sha256,
+            size_bytes=o.size_bytes,
+        )
+        for o in wanted
+    ]
+    return DownloadResult(
+        model_id=p.model_id,
+        version=version.version,
+        manifest=version.manifest,
+        expires_at=datetime.now(UTC) + timedelta(seconds=expires),
+        artifacts=links,
+    )
 
 
 class _Object(DownloadLink, kw_only=True):

@@ -21,16 +21,27 @@ from schemas.orgs.api_keys import (
 async def create(ctx: Context, p: CreateParams) -> CreateResult:
     """Create an API key; its token is in this result and nowhere else, ever."""
     token, digest = new_token(ORG_KEY_PREFIX)
-    key = await ctx.db.get("orgs.api_keys.insert_key", ApiKey, id=new_id("key"), org_id=ctx.org_id,
-                           name=p.name, token_hash=digest, prefix=token[:8])
-    return CreateResult(id=key.id, name=key.name, token=token, prefix=key.prefix, created_at=key.created_at)
+    key = await ctx.db.get(
+        "orgs.api_keys.insert_key",
+        ApiKey,
+        id=new_id("key"),
+        org_id=ctx.org_id,
+        name=p.name,
+        token_hash=digest,
+        prefix=token[:8],
+    )
+    return CreateResult(
+        id=key.id, name=key.name, token=token, prefix=key.prefix, created_at=key.created_at
+    )
 
 
 @rpc_method(ORG)
 async def list_(ctx: Context, p: ListParams) -> ListResult:
     """The organization's API keys, newest first."""
     args = {"org_id": ctx.org_id, "include_revoked": p.include_revoked}
-    items = await ctx.db.all("orgs.api_keys.list_keys", ApiKey, limit=p.limit, offset=p.offset, **args)
+    items = await ctx.db.all(
+        "orgs.api_keys.list_keys", ApiKey, limit=p.limit, offset=p.offset, **args
+    )
     return ListResult(items=items, total=await ctx.db.value("orgs.api_keys.count_keys", **args))
 
 

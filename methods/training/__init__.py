@@ -50,26 +50,41 @@ async def create_round(ctx: Context, p: CreateRoundParams) -> RoundDetail:
     model = await model_for_reading(ctx, p.model_id)
     if p.federation_id is not None:
         await federation_for_member(ctx, p.federation_id)
-        shared = await ctx.db.value("training.find_model_in_federation", model_id=p.model_id,
-                                    federation_id=p.federation_id)
+        shared = await ctx.db.value(
+            "training.find_model_in_federation", model_id=p.model_id, federation_id=p.federation_id
+        )
         if not shared and model.org_id != ctx.org_id:
             raise Forbidden("the model is not shared into this federation")
     elif model.org_id != ctx.org_id:
         raise Forbidden("a round on a shared model must name the federation it is shared into")
     if p.differential_privacy is not None and p.federation_id is None:
-        raise BadRequest("differential_privacy needs a federation_id: its budget is the federation's")
+        raise BadRequest(
+            "differential_privacy needs a federation_id: its budget is the federation's"
+        )
     if p.min_updates > p.target_device_count:
         raise BadRequest("min_updates cannot exceed target_device_count")
-    if not await ctx.db.value("training.find_model_version", model_id=p.model_id, version=p.base_version):
+    if not await ctx.db.value(
+        "training.find_model_version", model_id=p.model_id, version=p.base_version
+    ):
         raise NotFound("the model has no such base_version")
     round_id = await ctx.db.value(
-        "training.insert_round", id=new_id("rnd"), org_id=ctx.org_id, model_id=p.model_id,
-        base_version=p.base_version, federation_id=p.federation_id, target_device_count=p.target_device_count,
-        min_updates=p.min_updates, deadline_seconds=p.deadline_seconds, update_format=p.update_format,
-        strategy=p.strategy.name, strategy_params=jsonb(p.strategy.params), client_config=jsonb(p.client_config),
+        "training.insert_round",
+        id=new_id("rnd"),
+        org_id=ctx.org_id,
+        model_id=p.model_id,
+        base_version=p.base_version,
+        federation_id=p.federation_id,
+        target_device_count=p.target_device_count,
+        min_updates=p.min_updates,
+        deadline_seconds=p.deadline_seconds,
+        update_format=p.update_format,
+        strategy=p.strategy.name,
+        strategy_params=jsonb(p.strategy.params),
+        client_config=jsonb(p.client_config),
         dp_config=jsonb(p.differential_privacy) if p.differential_privacy else None,
         secagg_config=jsonb(p.secure_aggregation) if p.secure_aggregation else None,
-        auto_aggregate=p.auto_aggregate)
+        auto_aggregate=p.auto_aggregate,
+    )
     return await get_round(ctx, GetRoundParams(round_id=round_id))
 
 
@@ -85,7 +100,12 @@ async def get_round(ctx: Context, p: GetRoundParams) -> RoundDetail:
 @rpc_method(ORG)
 async def list_rounds(ctx: Context, p: ListRoundsParams) -> ListRoundsResult:
     """Rounds of the caller's organization and of its federations, newest first."""
-    args = {"org_id": ctx.org_id, "model_id": p.model_id, "federation_id": p.federation_id, "state": p.state}
+    args = {
+        "org_id": ctx.org_id,
+        "model_id": p.model_id,
+        "federation_id": p.federation_id,
+        "state": p.state,
+    }
     items = await ctx.db.all("training.list_rounds", Round, limit=p.limit, offset=p.offset, **args)
     return ListRoundsResult(items=items, total=await ctx.db.value("training.count_rounds", **args))
 
@@ -108,23 +128,51 @@ async def select_devices(ctx: Context, p: SelectDevicesParams) -> SelectDevicesR
     async with ctx.db.transaction() as tx:
         locked = await tx.get("training.lock_round", Round, round_id=p.round_id)
         if locked.state != "pending":
-            raise PreconditionFailed(f"the round is {locked.state}; selection needs it pending",
-                                     state=locked.state, allowed=["pending"])
-        eligible = await tx.all("training.list_eligible_devices", EligibleDevice, org_ids=org_ids,
-                                platform=c.platform, network_type=c.network_type, charging=c.charging,
-                                min_battery=c.min_battery, heartbeat_max_age_seconds=c.heartbeat_max_age_seconds,
-                                device_group_id=c.device_group_id, min_app_version=c.min_app_version,
-                                max_app_version=c.max_app_version)
+            raise PreconditionFailed(
+                f"the round is {locked.state}; selection needs it pending",
+                state=locked.state,
+                allowed=["pending"],
+            )
+        eligible = await tx.all(
+            "training.list_eligible_devices",
+            EligibleDevice,
+            org_ids=org_ids,
+            platform=c.platform,
+            network_type=c.network_type,
+            charging=c.charging,
+            min_battery=c.min_battery,
+            heartbeat_max_age_seconds=c.heartbeat_max_age_seconds,
+            device_group_id=c.device_group_id,
+            min_app_version=c.min_app_version,
+            max_app_version=c.max_app_version,
+        )
         seed = secrets.randbits(63)
-        chosen = sample([(d.id, d.platform) for d in eligible], locked.target_device_count, np.random.default_rng(seed), fraction=c.fraction,
-                        stratify=c.stratify_by_platform)
+        chosen = sample(
+            [(d.id, d.platform) for d in eligible],
+            locked.target_device_count,
+            np.random.default_rng(seed),
+            fraction=c.fraction,
+            stratify=c.stratify_by_platform,
+        )
         if not chosen:
-            raise PreconditionFailed("no device meets the criteria", state=locked.state, eligible_count=0)
+            raise PreconditionFailed(
+                "no device meets the criteria", state=locked.state, eligible_count=0
+            )
         await tx.run("training.insert_round_devices", round_id=p.round_id, device_ids=chosen)
-        await tx.run("training.update_round_selected", round_id=p.round_id, seed=seed, criteria=jsonb(c),
-                     eligible_count=len(eligible))
-    return SelectDevicesResult(round_id=p.round_id, state="selected", selected=chosen,
-                               eligible_count=len(eligible), selection_seed=seed)
+        await tx.run(
+            "training.update_round_selected",
+            round_id=p.round_id,
+            seed=seed,
+            criteria=jsonb(c),
+            eligible_count=len(eligible),
+        )
+    return SelectDevicesResult(
+        round_id=p.round_id,
+        state="selected",
+        selected=chosen,
+        eligible_count=len(eligible),
+        selection_seed=seed,
+    )
 
 
 @rpc_method(ORG)
@@ -139,8 +187,13 @@ async def start_round(ctx: Context, p: StartRoundParams) -> RoundDetail:
 async def cancel_round(ctx: Context, p: CancelRoundParams) -> RoundDetail:
     """Cancel a round; devices are told to stop and its updates are never aggregated."""
     await round_for_owner(ctx, p.round_id)
-    await transition(ctx.db, "training.update_round_cancelled", p.round_id, ("pending", "selected", "running"),
-                     reason=p.reason)
+    await transition(
+        ctx.db,
+        "training.update_round_cancelled",
+        p.round_id,
+        ("pending", "selected", "running"),
+        reason=p.reason,
+    )
     return await get_round(ctx, GetRoundParams(round_id=p.round_id))
 
 
@@ -148,5 +201,11 @@ async def cancel_round(ctx: Context, p: CancelRoundParams) -> RoundDetail:
 async def aggregate(ctx: Context, p: AggregateParams) -> ModelVersion:
     """Combine the round's updates with its strategy (or the one given) into the model's next version."""
     await round_for_owner(ctx, p.round_id)
-    return await aggregate_round(ctx.db, ctx.storage, p.round_id, strategy=p.strategy.name if p.strategy else None,
-                                 params=p.strategy.params if p.strategy else None, min_updates=p.min_updates)
+    return await aggregate_round(
+        ctx.db,
+        ctx.storage,
+        p.round_id,
+        strategy=p.strategy.name if p.strategy else None,
+        params=p.strategy.params if p.strategy else None,
+        min_updates=p.min_updates,
+    )

@@ -4,7 +4,16 @@ from datetime import datetime
 from typing import Literal
 
 from schemas._base import MutatingParams, Params, Result
-from schemas._types import Delta, Epsilon, FederationId, Limit, NoiseMultiplier, Offset, SampleRate, Steps
+from schemas._types import (
+    Delta,
+    Epsilon,
+    FederationId,
+    Limit,
+    NoiseMultiplier,
+    Offset,
+    SampleRate,
+    Steps,
+)
 
 Accountant = Literal["rdp", "pld"]
 

@@ -18,9 +18,22 @@ from schemas._types import (
     Version,
 )
 
-RoundState = Literal["pending", "selected", "running", "aggregating", "completed", "cancelled", "failed"]
-StrategyName = Literal["fedavg", "fedprox", "fedavgm", "fedadagrad", "fedadam", "fedyogi", "fedmedian",
-                       "fedtrimmedavg", "krum", "multikrum", "bulyan"]
+RoundState = Literal[
+    "pending", "selected", "running", "aggregating", "completed", "cancelled", "failed"
+]
+StrategyName = Literal[
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadagrad",
+    "fedadam",
+    "fedyogi",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+]
 Finite = Annotated[float, Meta(ge=-1e12, le=1e12)]
 Reason = Annotated[str, Meta(min_length=1, max_length=512)]
 AppVersion = Annotated[str, Meta(pattern=r"^\d+(\.\d+){0,3}$", max_length=32)]

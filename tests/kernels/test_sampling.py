@@ -39,10 +39,13 @@ def test_selection_is_uniform():
     assert stats.chisquare(observed, expected).pvalue > 1e-4
 
 
-@pytest.mark.parametrize(("k", "fraction", "expected"), [(50, 0.1, 10), (5, 0.5, 5), (200, None, 100),
-                                                          (200, 0.011, 2)])
+@pytest.mark.parametrize(
+    ("k", "fraction", "expected"), [(50, 0.1, 10), (5, 0.5, 5), (200, None, 100), (200, 0.011, 2)]
+)
 def test_fraction_and_population_bound_the_count(k, fraction, expected):
-    assert len(select_devices(POPULATION, k, np.random.default_rng(0), fraction=fraction)) == expected
+    assert (
+        len(select_devices(POPULATION, k, np.random.default_rng(0), fraction=fraction)) == expected
+    )
 
 
 @pytest.mark.parametrize("k", [4, 10, 13, 40])

@@ -18,7 +18,11 @@ def b64(data: bytes) -> str:
 def _bundle(kind: str, seed: int):
     net = make_net(kind, seed=seed)
     state: dict[str, np.ndarray] = numpy_state(net)
-    return net, {"weights": safetensors.numpy.save(state), "onnx": onnx_bytes(net), "program": program_bytes(net)}
+    return net, {
+        "weights": safetensors.numpy.save(state),
+        "onnx": onnx_bytes(net),
+        "program": program_bytes(net),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -33,13 +37,18 @@ def convbn_bundle():
 
 def inline(bundle: dict[str, bytes], **override) -> dict:
     parts = {**bundle, **override}
-    return {"weights": {"data": b64(parts["weights"])}, "onnx": {"data": b64(parts["onnx"])},
-            "program": {"data": b64(parts["program"])}}
+    return {
+        "weights": {"data": b64(parts["weights"])},
+        "onnx": {"data": b64(parts["onnx"])},
+        "program": {"data": b64(parts["program"])},
+    }
 
 
 @pytest.fixture
 async def mlp_model(client, org, mlp_bundle) -> dict:
     """A model of `org` with version 1 registered from the MLP bundle."""
     model = await client.ok("models.create", {"name": "mlp"}, org.token)
-    await client.ok("models.versions.create", {"model_id": model["id"], **inline(mlp_bundle[1])}, org.token)
+    await client.ok(
+        "models.versions.create", {"model_id": model["id"], **inline(mlp_bundle[1])}, org.token
+    )
     return model

@@ -38,17 +38,36 @@ def client_state(base: dict[str, np.ndarray], seed: int, fmt: str) -> dict[str, 
     return out
 
 
-async def run_round(client, org, model, bundle_net, *, n=3, fmt="weights", strategy=None, samples=None,
-                    extra=None, bystanders=0) -> tuple[dict, list[dict[str, np.ndarray]], list[int]]:
+async def run_round(
+    client,
+    org,
+    model,
+    bundle_net,
+    *,
+    n=3,
+    fmt="weights",
+    strategy=None,
+    samples=None,
+    extra=None,
+    bystanders=0,
+) -> tuple[dict, list[dict[str, np.ndarray]], list[int]]:
     """A running round of n selected devices that have all uploaded (bystanders are eligible too)."""
     registered = [await register_device(client, org.token) for _ in range(n + bystanders)]
     tokens = {d["device_id"]: d["token"] for d in registered}
-    params = {"model_id": model["id"], "base_version": 1, "target_device_count": n, "min_updates": 1,
-              "update_format": fmt, **(extra or {})}
+    params = {
+        "model_id": model["id"],
+        "base_version": 1,
+        "target_device_count": n,
+        "min_updates": 1,
+        "update_format": fmt,
+        **(extra or {}),
+    }
     if strategy:
         params["strategy"] = strategy
     rnd = await client.ok("training.create_round", params, org.token)
-    selected = (await client.ok("training.select_devices", {"round_id": rnd["id"]}, org.token))["selected"]
+    selected = (await client.ok("training.select_devices", {"round_id": rnd["id"]}, org.token))[
+        "selected"
+    ]
     await client.ok("training.start_round", {"round_id": rnd["id"]}, org.token)
     devices = [{"token": tokens[d]} for d in selected]
     base = base_state(bundle_net)
@@ -56,15 +75,26 @@ async def run_round(client, org, model, bundle_net, *, n=3, fmt="weights", strat
     for i, device in enumerate(devices):
         state = client_state(base, seed=100 + i, fmt=fmt)
         states.append(state)
-        await client.ok("training.weights.upload", {
-            "round_id": rnd["id"], "model_id": model["id"], "version": 1, "sample_count": counts[i],
-            "update_format": fmt, "weights": {"data": b64(safetensors.numpy.save(state))},
-            "metrics": {"loss": 1.0 + i, "accuracy": 0.5 + 0.1 * i}}, device["token"])
+        await client.ok(
+            "training.weights.upload",
+            {
+                "round_id": rnd["id"],
+                "model_id": model["id"],
+                "version": 1,
+                "sample_count": counts[i],
+                "update_format": fmt,
+                "weights": {"data": b64(safetensors.numpy.save(state))},
+                "metrics": {"loss": 1.0 + i, "accuracy": 0.5 + 0.1 * i},
+            },
+            device["token"],
+        )
     return rnd, states, counts
 
 
 async def download(client, token, model_id, version) -> dict[str, bytes]:
-    links = await client.ok("models.versions.download", {"model_id": model_id, "version": version}, token)
+    links = await client.ok(
+        "models.versions.download", {"model_id": model_id, "version": version}, token
+    )
     blobs = {}
     async with aiohttp.ClientSession() as http:
         for link in links["artifacts"]:
@@ -81,21 +111,35 @@ def reference_fedavg(base, states, counts, fmt) -> dict[str, np.ndarray]:
         if value.dtype.kind != "f":
             out[name] = value
             continue
-        mean = sum(s[name].astype(np.float64) * c for s, c in zip(states, counts, strict=True)) / total
+        mean = (
+            sum(s[name].astype(np.float64) * c for s, c in zip(states, counts, strict=True)) / total
+        )
         out[name] = (value.astype(np.float64) + mean) if fmt == "delta" else mean
     return out
 
 
 @pytest.mark.parametrize("fmt", ["weights", "delta"])
-async def test_fedavg_matches_a_float64_reference_and_completes_the_round(client, org, mlp_model, mlp_bundle, fmt):
+async def test_fedavg_matches_a_float64_reference_and_completes_the_round(
+    client, org, mlp_model, mlp_bundle, fmt
+):
     net, _ = mlp_bundle
     rnd, states, counts = await run_round(client, org, mlp_model, net, fmt=fmt)
     version = await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
-    assert version["version"] == 2 and version["parent_version"] == 1 and version["round_id"] == rnd["id"]
-    assert version["strategy"] == "fedavg" and version["num_updates"] == 3 and version["total_samples"] == 60
+    assert (
+        version["version"] == 2
+        and version["parent_version"] == 1
+        and version["round_id"] == rnd["id"]
+    )
+    assert (
+        version["strategy"] == "fedavg"
+        and version["num_updates"] == 3
+        and version["total_samples"] == 60
+    )
     expected_loss = sum((1.0 + i) * c for i, c in enumerate(counts)) / sum(counts)
     assert version["metrics"]["loss"] == pytest.approx(expected_loss)
-    stored = safetensors.numpy.load((await download(client, org.token, mlp_model["id"], 2))["safetensors"])
+    stored = safetensors.numpy.load(
+        (await download(client, org.token, mlp_model["id"], 2))["safetensors"]
+    )
     for name, want in reference_fedavg(base_state(net), states, counts, fmt).items():
         np.testing.assert_allclose(stored[name], want, rtol=1e-6, atol=1e-6)
     done = await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token)
@@ -105,7 +149,9 @@ async def test_fedavg_matches_a_float64_reference_and_completes_the_round(client
 async def test_new_onnx_runs_like_the_real_network_with_the_new_weights(client, org, convbn_bundle):
     net, bundle = convbn_bundle
     model = await client.ok("models.create", {"name": "convbn"}, org.token)
-    await client.ok("models.versions.create", {"model_id": model["id"], **inline(bundle)}, org.token)
+    await client.ok(
+        "models.versions.create", {"model_id": model["id"], **inline(bundle)}, org.token
+    )
     rnd, _, _ = await run_round(client, org, model, net)
     await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
     blobs = await download(client, org.token, model["id"], 2)
@@ -123,81 +169,125 @@ async def test_fedmedian_takes_the_coordinate_median(client, org, mlp_model, mlp
     net, _ = mlp_bundle
     rnd, states, _ = await run_round(client, org, mlp_model, net, strategy={"name": "fedmedian"})
     await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
-    stored = safetensors.numpy.load((await download(client, org.token, mlp_model["id"], 2))["safetensors"])
+    stored = safetensors.numpy.load(
+        (await download(client, org.token, mlp_model["id"], 2))["safetensors"]
+    )
     for name in ("fc1.weight", "fc2.bias"):
-        np.testing.assert_allclose(stored[name], np.median(np.stack([s[name] for s in states]), axis=0), rtol=1e-6)
+        np.testing.assert_allclose(
+            stored[name], np.median(np.stack([s[name] for s in states]), axis=0), rtol=1e-6
+        )
 
 
 async def test_fedavgm_keeps_server_momentum_between_rounds(client, org, mlp_model, mlp_bundle):
     net, _ = mlp_bundle
     strategy = {"name": "fedavgm", "params": {"server_learning_rate": 1.0, "server_momentum": 0.5}}
-    rnd, states, counts = await run_round(client, org, mlp_model, net, fmt="delta", strategy=strategy)
+    rnd, states, counts = await run_round(
+        client, org, mlp_model, net, fmt="delta", strategy=strategy
+    )
     await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
-    stored = safetensors.numpy.load((await download(client, org.token, mlp_model["id"], 2))["safetensors"])
-    first = reference_fedavg(base_state(net), states, counts, "delta")  # momentum starts at the first delta
+    stored = safetensors.numpy.load(
+        (await download(client, org.token, mlp_model["id"], 2))["safetensors"]
+    )
+    first = reference_fedavg(
+        base_state(net), states, counts, "delta"
+    )  # momentum starts at the first delta
     np.testing.assert_allclose(stored["fc1.weight"], first["fc1.weight"], rtol=1e-5, atol=1e-6)
-    state_rows = await client.app[SERVICES].db.value("training.aggregate.find_server_state",
-                                                     model_id=mlp_model["id"])
+    state_rows = await client.app[SERVICES].db.value(
+        "training.aggregate.find_server_state", model_id=mlp_model["id"]
+    )
     assert state_rows == "fedavgm"
 
 
 async def test_two_concurrent_aggregations_make_one_version(client, org, mlp_model, mlp_bundle):
     rnd, _, _ = await run_round(client, org, mlp_model, mlp_bundle[0])
-    answers = await asyncio.gather(*(client.call("training.aggregate", {"round_id": rnd["id"]}, org.token)
-                                     for _ in range(2)))
+    answers = await asyncio.gather(
+        *(client.call("training.aggregate", {"round_id": rnd["id"]}, org.token) for _ in range(2))
+    )
     outcomes = sorted("ok" if "result" in a else a["error"]["data"]["type"] for a in answers)
     assert outcomes in (["conflict", "ok"], ["ok", "precondition_failed"])
-    assert (await client.ok("models.versions.list", {"model_id": mlp_model["id"]}, org.token))["total"] == 2
+    assert (await client.ok("models.versions.list", {"model_id": mlp_model["id"]}, org.token))[
+        "total"
+    ] == 2
 
 
 @pytest.mark.parametrize("state", ["pending", "cancelled"])
 async def test_rounds_that_are_not_running_are_refused(client, org, mlp_model, state):
     await register_device(client, org.token)
-    rnd = await client.ok("training.create_round", {"model_id": mlp_model["id"], "base_version": 1,
-                                                    "target_device_count": 1}, org.token)
+    rnd = await client.ok(
+        "training.create_round",
+        {"model_id": mlp_model["id"], "base_version": 1, "target_device_count": 1},
+        org.token,
+    )
     if state == "cancelled":
         await client.ok("training.cancel_round", {"round_id": rnd["id"]}, org.token)
     error = await client.error("training.aggregate", {"round_id": rnd["id"]}, org.token)
     assert error["data"]["type"] == "precondition_failed"
 
 
-async def test_zero_updates_is_a_precondition_failure_and_the_round_stays_running(client, org, mlp_model):
+async def test_zero_updates_is_a_precondition_failure_and_the_round_stays_running(
+    client, org, mlp_model
+):
     await register_device(client, org.token)
-    rnd = await client.ok("training.create_round", {"model_id": mlp_model["id"], "base_version": 1,
-                                                    "target_device_count": 1}, org.token)
+    rnd = await client.ok(
+        "training.create_round",
+        {"model_id": mlp_model["id"], "base_version": 1, "target_device_count": 1},
+        org.token,
+    )
     await client.ok("training.select_devices", {"round_id": rnd["id"]}, org.token)
     await client.ok("training.start_round", {"round_id": rnd["id"]}, org.token)
     error = await client.error("training.aggregate", {"round_id": rnd["id"]}, org.token)
     assert error["data"]["type"] == "precondition_failed" and error["data"]["received"] == 0
-    assert (await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token))["state"] == "running"
+    assert (await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token))[
+        "state"
+    ] == "running"
 
 
-async def test_impossible_strategy_parameters_are_refused_and_the_round_stays_retryable(client, org, mlp_model,
-                                                                                        mlp_bundle):
+async def test_impossible_strategy_parameters_are_refused_and_the_round_stays_retryable(
+    client, org, mlp_model, mlp_bundle
+):
     rnd, _, _ = await run_round(client, org, mlp_model, mlp_bundle[0])
-    error = await client.error("training.aggregate", {"round_id": rnd["id"], "strategy": {
-        "name": "bulyan", "params": {"num_malicious": 1}}}, org.token)
+    error = await client.error(
+        "training.aggregate",
+        {"round_id": rnd["id"], "strategy": {"name": "bulyan", "params": {"num_malicious": 1}}},
+        org.token,
+    )
     assert error["data"]["type"] == "bad_request" and "bulyan" in error["data"]["message"].lower()
-    error = await client.error("training.aggregate", {"round_id": rnd["id"], "strategy": {
-        "name": "krum", "params": {"beta": 0.1}}}, org.token)
+    error = await client.error(
+        "training.aggregate",
+        {"round_id": rnd["id"], "strategy": {"name": "krum", "params": {"beta": 0.1}}},
+        org.token,
+    )
     assert error["data"]["type"] == "bad_request"
-    assert (await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token))["version"] == 2
+    assert (await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token))[
+        "version"
+    ] == 2
 
 
-async def test_a_corrupt_update_in_storage_fails_the_round_and_writes_nothing(client, org, mlp_model, mlp_bundle,
-                                                                             settings, database_url):
+async def test_a_corrupt_update_in_storage_fails_the_round_and_writes_nothing(
+    client, org, mlp_model, mlp_bundle, settings, database_url
+):
     rnd, _, _ = await run_round(client, org, mlp_model, mlp_bundle[0])
     s3 = Minio(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, secure=False)
-    before = sorted(o.object_name for o in s3.list_objects(settings.s3_bucket, prefix="models/", recursive=True))
+    before = sorted(
+        o.object_name for o in s3.list_objects(settings.s3_bucket, prefix="models/", recursive=True)
+    )
     with psycopg.connect(database_url) as conn:
-        victim = conn.execute("SELECT object_key FROM training_updates WHERE round_id = %s LIMIT 1",
-                              (rnd["id"],)).fetchone()[0]
+        victim = conn.execute(
+            "SELECT object_key FROM training_updates WHERE round_id = %s LIMIT 1", (rnd["id"],)
+        ).fetchone()[0]
     s3.put_object(settings.s3_bucket, victim, io.BytesIO(b"garbage"), 7)
     error = await client.error("training.aggregate", {"round_id": rnd["id"]}, org.token)
-    assert error["data"]["type"] == "precondition_failed" and "changed in storage" in error["data"]["message"]
-    after = sorted(o.object_name for o in s3.list_objects(settings.s3_bucket, prefix="models/", recursive=True))
+    assert (
+        error["data"]["type"] == "precondition_failed"
+        and "changed in storage" in error["data"]["message"]
+    )
+    after = sorted(
+        o.object_name for o in s3.list_objects(settings.s3_bucket, prefix="models/", recursive=True)
+    )
     assert after == before
-    assert (await client.ok("models.versions.list", {"model_id": mlp_model["id"]}, org.token))["total"] == 1
+    assert (await client.ok("models.versions.list", {"model_id": mlp_model["id"]}, org.token))[
+        "total"
+    ] == 1
     failed = await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token)
     assert failed["state"] == "failed" and "changed in storage" in failed["failure_reason"]
 
@@ -207,13 +297,22 @@ async def test_only_the_owner_aggregates(client, org, other_org, mlp_model, mlp_
     error = await client.error("training.aggregate", {"round_id": rnd["id"]}, other_org.token)
     assert error["data"]["type"] == "forbidden"
     device = await register_device(client, org.token)
-    assert (await client.error("training.aggregate", {"round_id": rnd["id"]}, device["token"]))["data"]["type"] == "forbidden"
+    assert (await client.error("training.aggregate", {"round_id": rnd["id"]}, device["token"]))[
+        "data"
+    ]["type"] == "forbidden"
 
 
 async def _dp_federation(client, org, mlp_model, budget: float) -> dict:
-    fed = await client.ok("federations.create", {"name": "dp", "org_id": org.id,
-                                                 "privacy_policy": {"total_epsilon_budget": budget}}, org.token)
-    await client.ok("federations.models.share", {"federation_id": fed["id"], "model_id": mlp_model["id"]}, org.token)
+    fed = await client.ok(
+        "federations.create",
+        {"name": "dp", "org_id": org.id, "privacy_policy": {"total_epsilon_budget": budget}},
+        org.token,
+    )
+    await client.ok(
+        "federations.models.share",
+        {"federation_id": fed["id"], "model_id": mlp_model["id"]},
+        org.token,
+    )
     return fed
 
 
@@ -221,45 +320,91 @@ async def test_central_dp_clips_noises_and_charges_the_ledger(client, org, mlp_m
     fed = await _dp_federation(client, org, mlp_model, 100.0)
     dp = {"noise_multiplier": 1.0, "clipping_norm": 0.5}
     # One eligible device is left out: the sampling rate is 3/4.
-    rnd, _, _ = await run_round(client, org, mlp_model, mlp_bundle[0], fmt="delta", bystanders=1,
-                                extra={"federation_id": fed["id"], "differential_privacy": dp})
+    rnd, _, _ = await run_round(
+        client,
+        org,
+        mlp_model,
+        mlp_bundle[0],
+        fmt="delta",
+        bystanders=1,
+        extra={"federation_id": fed["id"], "differential_privacy": dp},
+    )
     version = await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
     # Each client delta has norm ~0.1*sqrt(147) > 0.5, so all three are clipped.
     assert version["metrics"]["dp_fraction_clipped"] == 1.0
     assert version["metrics"]["dp_noise_std"] == pytest.approx(1.0 * 0.5 / 3)
-    history = await client.ok("federations.privacy.history", {"federation_id": fed["id"]}, org.token)
-    assert [(h["round_id"], h["sample_rate"], h["num_steps"]) for h in history["items"]] == [(rnd["id"], 0.75, 1)]
+    history = await client.ok(
+        "federations.privacy.history", {"federation_id": fed["id"]}, org.token
+    )
+    assert [(h["round_id"], h["sample_rate"], h["num_steps"]) for h in history["items"]] == [
+        (rnd["id"], 0.75, 1)
+    ]
 
 
-async def test_an_exhausted_budget_fails_the_round_without_a_version(client, org, mlp_model, mlp_bundle):
+async def test_an_exhausted_budget_fails_the_round_without_a_version(
+    client, org, mlp_model, mlp_bundle
+):
     fed = await _dp_federation(client, org, mlp_model, 0.01)
-    rnd, _, _ = await run_round(client, org, mlp_model, mlp_bundle[0], fmt="delta", extra={
-        "federation_id": fed["id"], "differential_privacy": {"noise_multiplier": 0.5, "clipping_norm": 1.0}})
+    rnd, _, _ = await run_round(
+        client,
+        org,
+        mlp_model,
+        mlp_bundle[0],
+        fmt="delta",
+        extra={
+            "federation_id": fed["id"],
+            "differential_privacy": {"noise_multiplier": 0.5, "clipping_norm": 1.0},
+        },
+    )
     error = await client.error("training.aggregate", {"round_id": rnd["id"]}, org.token)
     assert error["data"]["type"] == "privacy_budget_exhausted"
-    assert (await client.ok("models.versions.list", {"model_id": mlp_model["id"]}, org.token))["total"] == 1
-    assert (await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token))["state"] == "failed"
-    assert (await client.ok("federations.privacy.get", {"federation_id": fed["id"]}, org.token))["rounds_tracked"] == 0
+    assert (await client.ok("models.versions.list", {"model_id": mlp_model["id"]}, org.token))[
+        "total"
+    ] == 1
+    assert (await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token))[
+        "state"
+    ] == "failed"
+    assert (await client.ok("federations.privacy.get", {"federation_id": fed["id"]}, org.token))[
+        "rounds_tracked"
+    ] == 0
 
 
-async def test_rounds_aggregate_by_themselves_when_every_device_uploaded(client, org, mlp_model, mlp_bundle):
-    rnd, _, _ = await run_round(client, org, mlp_model, mlp_bundle[0], extra={"auto_aggregate": True})
+async def test_rounds_aggregate_by_themselves_when_every_device_uploaded(
+    client, org, mlp_model, mlp_bundle
+):
+    rnd, _, _ = await run_round(
+        client, org, mlp_model, mlp_bundle[0], extra={"auto_aggregate": True}
+    )
     await aggregate_due_rounds(client.app[SERVICES])
     done = await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token)
     assert done["state"] == "completed" and done["result_version"] == 2
 
 
-async def test_auto_rounds_with_too_few_updates_fail_at_the_deadline(client, org, mlp_model, database_url):
+async def test_auto_rounds_with_too_few_updates_fail_at_the_deadline(
+    client, org, mlp_model, database_url
+):
     await register_device(client, org.token)
-    rnd = await client.ok("training.create_round", {"model_id": mlp_model["id"], "base_version": 1,
-                                                    "target_device_count": 1, "auto_aggregate": True}, org.token)
+    rnd = await client.ok(
+        "training.create_round",
+        {
+            "model_id": mlp_model["id"],
+            "base_version": 1,
+            "target_device_count": 1,
+            "auto_aggregate": True,
+        },
+        org.token,
+    )
     await client.ok("training.select_devices", {"round_id": rnd["id"]}, org.token)
     await client.ok("training.start_round", {"round_id": rnd["id"]}, org.token)
     await aggregate_due_rounds(client.app[SERVICES])
-    assert (await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token))["state"] == "running"
+    assert (await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token))[
+        "state"
+    ] == "running"
     with psycopg.connect(database_url) as conn:
-        conn.execute("UPDATE training_rounds SET deadline_at = now() - interval '1 second' WHERE id = %s",
-                      (rnd["id"],))
+        conn.execute(
+            "UPDATE training_rounds SET deadline_at = now() - interval '1 second' WHERE id = %s",
+            (rnd["id"],),
+        )
     await aggregate_due_rounds(client.app[SERVICES])
     failed = await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token)
     assert failed["state"] == "failed" and "needs 1" in failed["failure_reason"]

@@ -27,10 +27,14 @@ async def test_revoked_key_is_refused_at_once(client, org):
     await client.ok("system.ping", None, created["token"])
     revoked = await client.ok("orgs.api_keys.revoke", {"key_id": created["id"]}, org.token)
     assert revoked["id"] == created["id"]
-    resp, body = await client.post({"jsonrpc": "2.0", "method": "system.ping", "id": 1}, created["token"])
+    resp, body = await client.post(
+        {"jsonrpc": "2.0", "method": "system.ping", "id": 1}, created["token"]
+    )
     assert resp.status == 401 and body["error"]["data"]["type"] == "unauthorized"
     listed = await client.ok("orgs.api_keys.list", {"include_revoked": True}, org.token)
-    assert [k["revoked_at"] is not None for k in listed["items"] if k["id"] == created["id"]] == [True]
+    assert [k["revoked_at"] is not None for k in listed["items"] if k["id"] == created["id"]] == [
+        True
+    ]
     assert (await client.ok("orgs.api_keys.list", {}, org.token))["total"] == 1
 
 
@@ -55,19 +59,29 @@ async def test_key_params_are_validated(client, org):
 
 
 async def test_idempotent_key_creation_replays_the_first_result(client, org):
-    first = await client.ok("orgs.api_keys.create", {"name": "once", "idempotency_key": "k1"}, org.token)
-    again = await client.ok("orgs.api_keys.create", {"name": "once", "idempotency_key": "k1"}, org.token)
+    first = await client.ok(
+        "orgs.api_keys.create", {"name": "once", "idempotency_key": "k1"}, org.token
+    )
+    again = await client.ok(
+        "orgs.api_keys.create", {"name": "once", "idempotency_key": "k1"}, org.token
+    )
     assert again == first
     assert (await client.ok("orgs.api_keys.list", {}, org.token))["total"] == 2
-    error = await client.error("orgs.api_keys.create", {"name": "other", "idempotency_key": "k1"}, org.token)
+    error = await client.error(
+        "orgs.api_keys.create", {"name": "other", "idempotency_key": "k1"}, org.token
+    )
     assert error["data"]["type"] == "conflict"
 
 
 async def test_failed_call_does_not_burn_its_idempotency_key(client, org, other_org):
     theirs = await client.ok("orgs.api_keys.create", {"name": "t"}, other_org.token)
     params = {"key_id": theirs["id"], "idempotency_key": "retry-me"}
-    assert (await client.error("orgs.api_keys.revoke", params, org.token))["data"]["type"] == "forbidden"
-    assert (await client.error("orgs.api_keys.revoke", params, org.token))["data"]["type"] == "forbidden"
+    assert (await client.error("orgs.api_keys.revoke", params, org.token))["data"][
+        "type"
+    ] == "forbidden"
+    assert (await client.error("orgs.api_keys.revoke", params, org.token))["data"][
+        "type"
+    ] == "forbidden"
 
 
 async def test_stored_replays_are_purged_after_the_window(client, org, database_url):
@@ -79,7 +93,9 @@ async def test_stored_replays_are_purged_after_the_window(client, org, database_
     await client.ok("orgs.api_keys.create", {"name": "old", "idempotency_key": "k-old"}, org.token)
     await client.ok("orgs.api_keys.create", {"name": "new", "idempotency_key": "k-new"}, org.token)
     with psycopg.connect(database_url) as conn:
-        conn.execute("UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'k-old'")
+        conn.execute(
+            "UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'k-old'"
+        )
     await purge_idempotency_keys(client.app[SERVICES])
     with psycopg.connect(database_url) as conn:
         keys = [r[0] for r in conn.execute("SELECT key FROM idempotency_keys ORDER BY key")]
