@@ -52,6 +52,9 @@ _WEED_PORT_FLAGS = (
 _WEED_FIXED_FLAGS = (
     "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-webdav=false",
     "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0",
+    # Every bucket is a collection with volumes of its own: with the defaults weed
+    # runs out of volume slots after about 90 buckets. Small volumes, many slots.
+    "-volume.max=10000", "-master.volumeSizeLimitMB=64",
 )  # fmt: skip
 _WEED_ENV_PREFIXES = ("AWS_", "S3_", "WEED_")
 

@@ -66,12 +66,19 @@ WHERE federation_id = %(federation_id)s AND org_id = %(org_id)s
 RETURNING id, federation_id, org_id, status, created_at, updated_at, joined_at;
 
 -- name: list_members
--- Members and their contributions. Training updates arrive with the rounds
--- issue; until then the statistics are zero and null, never stored counters.
+-- Members with contributions derived from the accepted updates of their devices in this federation's rounds (any round state); averages are sample-weighted over updates that report the metric.
 SELECT m.org_id, m.status, m.joined_at,
-       0 AS rounds_contributed, 0 AS total_samples,
-       NULL::double precision AS avg_accuracy, NULL::double precision AS avg_loss,
-       NULL::timestamptz AS last_contribution_at
+       count(DISTINCT u.round_id) AS rounds_contributed,
+       coalesce(sum(u.sample_count), 0)::bigint AS total_samples,
+       sum(u.accuracy * u.sample_count) / nullif(sum(u.sample_count) FILTER (WHERE u.accuracy IS NOT NULL), 0)
+           AS avg_accuracy,
+       sum(u.loss * u.sample_count) / nullif(sum(u.sample_count) FILTER (WHERE u.loss IS NOT NULL), 0)
+           AS avg_loss,
+       max(u.received_at) AS last_contribution_at
 FROM federation_members AS m
+LEFT JOIN (training_updates AS u JOIN training_rounds AS r
+           ON r.id = u.round_id AND r.federation_id = %(federation_id)s)
+       ON u.org_id = m.org_id
 WHERE m.federation_id = %(federation_id)s
+GROUP BY m.id, m.org_id, m.status, m.joined_at, m.created_at
 ORDER BY m.created_at, m.org_id;

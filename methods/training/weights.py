@@ -1,0 +1,175 @@
+"""training.weights.upload: a selected device hands in its update for a running round.
+
+Everything is checked before anything is stored: the round and the device's
+place in it, then the tensors themselves (decoded in a worker thread). The raw
+bytes go to the artifact store under a fresh key first, then one row to
+Postgres; if the row cannot be written the object is deleted again, so neither
+exists without the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from fedrpc.auth import new_id
+from fedrpc.context import Context
+from fedrpc.db import constraint_message, jsonb
+from fedrpc.errors import BadRequest, Forbidden, PayloadTooLarge, PreconditionFailed
+from fedrpc.fl.tensors import (
+    TensorSpec,
+    check_finite,
+    check_matches,
+    decode_state_dict,
+    manifest_from_json,
+)
+from fedrpc.payloads import discard, payload_bytes
+from fedrpc.registry import DEVICE, rpc_method
+from schemas.training.weights import Update, UploadParams
+
+ROUND_DEVICE_KEY = "training_updates_round_device_key"
+constraint_message(ROUND_DEVICE_KEY, "this device has already uploaded an update for this round")
+
+# Wire size of one element per declared dtype (bfloat16 travels as 2 bytes).
+_ITEM_BYTES = {
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "int64": 8,
+    "int32": 4,
+    "uint8": 1,
+    "bool": 1,
+}
+# Headers, names and (torch) zip and pickle framing on top of the raw tensor bytes.
+_FRAMING_BYTES, _FRAMING_PER_TENSOR = 64 * 1024, 4 * 1024
+
+
+class _Target(msgspec.Struct):
+    id: str
+    model_id: str
+    base_version: int
+    state: str
+    update_format: str
+    deadline_at: datetime | None
+    open: bool
+    selected: bool
+    member: bool
+    manifest: list[dict[str, Any]]
+
+
+@rpc_method(DEVICE)
+async def upload(ctx: Context, p: UploadParams) -> Update:
+    """Validate the round, the device's selection and every tensor, then store the bytes and one row.
+
+    Refusals: unknown round `not_found`; a device not selected for the round, or
+    whose organization is no longer an active member of the round's federation,
+    `forbidden`; a model, version or update_format other than the round's
+    `bad_request`; a round that is not running or whose deadline has passed
+    (by the database clock) `precondition_failed` with `data.state`; tensors
+    whose names, shapes or dtypes differ from the base version's manifest, or
+    holding NaN/inf, `bad_request`; bytes well beyond what the manifest needs
+    `payload_too_large`; a second update from the same device `conflict`.
+    """
+    target = await _open_target(ctx, p)
+    manifest = manifest_from_json(target.manifest)
+    async with payload_bytes(ctx, {"weights": p.weights}, "weights") as blobs:
+        data = blobs["weights"]
+        if len(data) > _max_update_bytes(manifest):
+            raise PayloadTooLarge(
+                "weights: far larger than the tensors of the base version need", field="weights"
+            )
+        await asyncio.to_thread(_check_update, data, p.encoding, manifest)
+        return await _store(ctx, p, data)
+
+
+async def _find_target(ctx: Context, p: UploadParams) -> _Target:
+    return await ctx.db.get(
+        "training.weights.find_upload_target",
+        _Target,
+        round_id=p.round_id,
+        device_id=ctx.device_id,
+        org_id=ctx.org_id,
+        missing="no round with this id",
+    )
+
+
+async def _open_target(ctx: Context, p: UploadParams) -> _Target:
+    target = await _find_target(ctx, p)
+    if not target.selected:
+        raise Forbidden("this device is not selected for the round")
+    if not target.member:
+        raise Forbidden(
+            "the device's organization is not an active member of the round's federation"
+        )
+    if (p.model_id, p.version) != (target.model_id, target.base_version):
+        raise BadRequest(
+            f"the round trains version {target.base_version} of model {target.model_id}",
+            model_id=target.model_id,
+            version=target.base_version,
+        )
+    if p.update_format != target.update_format:
+        raise BadRequest(
+            f"the round expects update_format {target.update_format!r}",
+            update_format=target.update_format,
+        )
+    if not target.open:
+        _refuse_closed(target)
+    return target
+
+
+def _refuse_closed(target: _Target) -> None:
+    if target.state == "running":
+        raise PreconditionFailed(
+            "the round's deadline has passed", state=target.state, deadline_at=target.deadline_at
+        )
+    raise PreconditionFailed(
+        f"the round is {target.state}; uploads need it running",
+        state=target.state,
+        allowed=["running"],
+    )
+
+
+def _max_update_bytes(manifest: list[TensorSpec]) -> int:
+    return (
+        sum(s.size * _ITEM_BYTES[s.dtype] + _FRAMING_PER_TENSOR for s in manifest) + _FRAMING_BYTES
+    )
+
+
+def _check_update(data: bytes, encoding: str, manifest: list[TensorSpec]) -> None:
+    """Decode and check the tensors (runs in a worker thread: megabytes of work)."""
+    state = decode_state_dict(data, encoding, field="weights")
+    check_matches(state, manifest)
+    check_finite(state)
+
+
+async def _store(ctx: Context, p: UploadParams, data: bytes) -> Update:
+    update_id = new_id("upd")
+    # A fresh key per attempt (the update id): a refused duplicate never overwrites the accepted object.
+    stored = await ctx.storage.put(f"updates/{p.round_id}/{update_id}", data)
+    try:
+        row = await ctx.db.maybe(
+            "training.weights.insert_update",
+            Update,
+            id=update_id,
+            round_id=p.round_id,
+            device_id=ctx.device_id,
+            org_id=ctx.org_id,
+            sample_count=p.sample_count,
+            encoding=p.encoding,
+            object_key=stored.key,
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            metrics=jsonb(p.metrics),
+            loss=p.metrics.get("loss"),
+            accuracy=p.metrics.get("accuracy"),
+        )
+        if row is None:  # the round closed (or the deadline passed) while the bytes were checked
+            _refuse_closed(await _find_target(ctx, p))
+        return row
+    except BaseException:
+        await discard(ctx, [stored.key])
+        raise
