@@ -1,0 +1,458 @@
+"""Aggregation kernels against Flower's and against the memory-bandwidth ceiling.
+
+One pre-generated set of flat float32 updates (200 x 1M parameters, and
+50 x 10M for FedAvg) is shared by every contender; all of them run on one
+thread (torch pinned, BLAS pools set to one thread before numpy loads).
+Repetitions are interleaved (each round runs every contender once) and the
+best time of each is kept. Times are process CPU time: the 2 cores are
+shared with other jobs and wall-clock runs swung by 2x from preemption; CPU
+time (memory stalls included) still moves by up to ~20% between runs when
+neighbours load the memory bus, but not with the scheduler. The median
+per-round wall-clock ratio is shown beside each goal for transparency.
+
+* Ceiling: one read-only pass over the same bytes (a sum over each update,
+  the faster of torch and numpy).
+* FedAvg: ours streams ``FedAvgAccumulator.add`` one update at a time.
+  Flower's ``aggregate`` takes decoded ndarrays; ``aggregate_inplace`` takes
+  ``FitRes`` whose ``Parameters`` hold serialized bytes, so its time includes
+  Flower's own decode (reported separately too).
+* Median / trimmed mean / Krum: ours over coordinate chunks (default 64 MiB
+  budget) against ``aggregate_median``, ``aggregate_trimmed_avg`` and
+  ``aggregate_krum`` on the same vectors given as one-layer models (the
+  cheapest case for Flower's per-layer loops).
+* Peak RSS of streaming FedAvg over 200 updates, in a subprocess that
+  generates the updates one at a time.
+
+The end-to-end measurement through the server (`training.aggregate`) is added
+later: see :func:`bench_end_to_end`.
+
+Run: ``.venv/bin/python bench/aggregate.py`` (about 3-4 minutes).
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"  # before numpy loads its BLAS: one thread for everyone
+
+import gc  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # _report, and fedrpc without an install
+
+from _report import table, write_section  # noqa: E402
+
+from fedrpc.fl.strategies import (  # noqa: E402
+    FedAvgAccumulator,
+    bulyan,
+    fedmedian,
+    fedtrimmedavg,
+    krum,
+    multikrum,
+)
+
+try:
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.strategy import aggregate as flwr_agg
+
+    FLOWER = True
+except ImportError:  # pragma: no cover - reported in the output
+    FLOWER = False
+
+SMALL, LARGE = 1_000_000, 10_000_000
+N_LARGE = 50
+TRIM = 0.1
+
+
+OUTPUTS: dict[str, object] = {}
+
+
+def timed(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[tuple]]:
+    """(cpu, wall) seconds of each contender per round, rounds interleaved.
+
+    The last output of each contender is left in OUTPUTS.
+    """
+    times: dict[str, list[tuple]] = {name: [] for name in contenders}
+    OUTPUTS.clear()
+    for _ in range(rounds):
+        for name, run in contenders.items():
+            OUTPUTS.pop(name, None)
+            gc.collect()
+            cpu, wall = time.process_time(), time.perf_counter()
+            out = run()
+            times[name].append((time.process_time() - cpu, time.perf_counter() - wall))
+            OUTPUTS[name] = out
+    return times
+
+
+def best(times: list[tuple]) -> float:
+    return min(cpu for cpu, _ in times)
+
+
+def ms(times: list[tuple]) -> str:
+    t = best(times)
+    return f"{t * 1e3:.1f}" if t < 0.1 else f"{t * 1e3:.0f}"
+
+
+def ratio(slow: list[tuple], fast: list[tuple]) -> tuple[float, str]:
+    """Ratio of the best CPU times, and the median per-round wall-clock ratio."""
+    cpu = best(slow) / best(fast)
+    wall = statistics.median(a[1] / b[1] for a, b in zip(slow, fast, strict=True))
+    return cpu, f"{cpu:.2f} (wall {wall:.2f})"
+
+
+def verdict(value: float, goal: float, higher: bool = True) -> str:
+    return "met" if (value >= goal if higher else value <= goal) else "NOT met"
+
+
+def ceiling(vectors: list[np.ndarray]) -> Callable[[], object]:
+    """The faster of two read-only passes over every update."""
+    tensors = [torch.from_numpy(v) for v in vectors]
+
+    def torch_sum() -> object:
+        return [t.sum() for t in tensors]
+
+    def numpy_sum() -> object:
+        return [v.sum() for v in vectors]
+
+    t = timed({"torch": torch_sum, "numpy": numpy_sum}, 3)
+    OUTPUTS.clear()
+    return torch_sum if best(t["torch"]) <= best(t["numpy"]) else numpy_sum
+
+
+def ours_fedavg(vectors: list[np.ndarray], counts: list[int]) -> np.ndarray:
+    acc = FedAvgAccumulator(vectors[0].size)
+    for v, c in zip(vectors, counts, strict=True):
+        acc.add(v, c)
+    return acc.finish()
+
+
+def ours_fedavg_many(vectors: list[np.ndarray], counts: list[int]) -> np.ndarray:
+    acc = FedAvgAccumulator(vectors[0].size)
+    acc.add_many(vectors, counts)
+    return acc.finish()
+
+
+def flwr_decode(fit: list) -> None:
+    for _, res in fit:
+        parameters_to_ndarrays(res.parameters)
+
+
+def fedavg_rows(vectors: list[np.ndarray], counts: list[int], rounds: int) -> list[list[object]]:
+    n, size = len(vectors), vectors[0].size
+    contenders: dict[str, Callable[[], object]] = {
+        "ceiling": ceiling(vectors),
+        "ours": lambda: ours_fedavg(vectors, counts),
+        "ours add_many": lambda: ours_fedavg_many(vectors, counts),
+    }
+    if FLOWER:
+        ndarrays = [([v], c) for v, c in zip(vectors, counts, strict=True)]
+        ok = Status(code=Code.OK, message="")
+        fit = [
+            (None, FitRes(ok, ndarrays_to_parameters([v]), c, {}))
+            for v, c in zip(vectors, counts, strict=True)
+        ]
+        contenders["flwr aggregate"] = lambda: flwr_agg.aggregate(ndarrays)
+        contenders["flwr aggregate_inplace"] = lambda: flwr_agg.aggregate_inplace(fit)
+        contenders["flwr decode only"] = lambda: flwr_decode(fit)
+    t = timed(contenders, rounds)
+    ours = OUTPUTS["ours"]
+    if not np.array_equal(ours, OUTPUTS["ours add_many"]):
+        raise AssertionError("add_many differs from add")
+    agree = ""
+    if FLOWER:
+        agree = f"{np.max(np.abs(ours - OUTPUTS['flwr aggregate_inplace'][0])):.1e}"
+    OUTPUTS.clear()
+    frac, frac_text = ratio(t["ceiling"], t["ours"])
+    row = [
+        f"{n} x {size / 1e6:g}M",
+        ms(t["ceiling"]),
+        ms(t["ours"]),
+        f"**{frac_text}** {verdict(frac, 0.6)}",
+        ratio(t["ceiling"], t["ours add_many"])[1],
+    ]
+    if FLOWER:
+        speed, speed_text = ratio(t["flwr aggregate_inplace"], t["ours"])
+        row += [
+            ms(t["flwr aggregate"]),
+            f"{ms(t['flwr aggregate_inplace'])} ({ms(t['flwr decode only'])})",
+            f"**{speed_text}** {verdict(speed, 5)}",
+            ratio(t["flwr aggregate"], t["ours"])[1],
+            agree,
+        ]
+    return [row]
+
+
+def robust_rows(vectors: list[np.ndarray], counts: list[int]) -> list[list[object]]:
+    n = len(vectors)
+    f = n // 5
+    results = [([v], c) for v, c in zip(vectors, counts, strict=True)]
+    cases: list[tuple[str, Callable[[], object], Callable[[], object] | None, int]] = [
+        (
+            "median",
+            lambda: fedmedian(vectors),
+            (lambda: flwr_agg.aggregate_median(results)) if FLOWER else None,
+            3 if n <= 50 else 2,
+        ),
+        (
+            f"trimmed mean (beta={TRIM})",
+            lambda: fedtrimmedavg(vectors, beta=TRIM),
+            (lambda: flwr_agg.aggregate_trimmed_avg(results, TRIM)) if FLOWER else None,
+            3 if n <= 50 else 2,
+        ),
+        (
+            f"Krum (f={f})",
+            lambda: krum(vectors, num_malicious=f),
+            (lambda: flwr_agg.aggregate_krum(results, f, 0)) if FLOWER else None,
+            2 if n <= 50 else 1,
+        ),
+    ]
+    rows = []
+    for name, ours, peer, rounds in cases:
+        t = timed({"ours": ours} | ({"flwr": peer} if peer else {}), rounds)
+        ours_out, peer_out = OUTPUTS["ours"], OUTPUTS.get("flwr")
+        OUTPUTS.clear()
+        row = [f"{name}, N={n}", ms(t["ours"]), "not run", "", ""]
+        if peer_out is not None:
+            ours_vec = ours_out.vector if hasattr(ours_out, "vector") else ours_out
+            speed, speed_text = ratio(t["flwr"], t["ours"])
+            row[2:] = [
+                ms(t["flwr"]),
+                f"**{speed_text}** {verdict(speed, 2)}",
+                f"{np.max(np.abs(ours_vec - peer_out[0])):.1e}",
+            ]
+        rows.append(row)
+    for name, run in [
+        (
+            f"MultiKrum (f={f}, m={n - f})",
+            lambda: multikrum(vectors, num_malicious=f, num_to_keep=n - f),
+        ),
+        (f"Bulyan (f={n // 10})", lambda: bulyan(vectors, num_malicious=n // 10)),
+    ]:
+        t = timed({"ours": run}, 1)
+        OUTPUTS.clear()
+        rows.append([f"{name}, N={n}", ms(t["ours"]), "no peer", "", ""])
+    return rows
+
+
+def accumulator_rows(vectors: list[np.ndarray], counts: list[int]) -> list[list[object]]:
+    """Why the accumulator looks the way it does: speed and error of three designs."""
+    size, total = vectors[0].size, float(sum(counts))
+    exact, magnitude = np.zeros(size), np.zeros(size)
+    for v, c in zip(vectors, counts, strict=True):
+        wide = v.astype(np.float64)
+        exact += c * wide
+        magnitude += c * np.abs(wide)
+    exact /= total
+    # Errors in float32 ulps of the weighted mean of |x| (the scale of a sum's
+    # rounding error): the mean of zero-mean data is tiny and its own ulp
+    # would say nothing about the accumulation.
+    ulp = np.spacing((magnitude / total).astype(np.float32)).astype(np.float64)
+    tensors = [torch.from_numpy(v) for v in vectors]
+
+    def float32_running() -> np.ndarray:
+        acc = torch.zeros(size)
+        with torch_threads(1):
+            for t, c in zip(tensors, counts, strict=True):
+                acc.add_(t, alpha=c)
+        return (acc.numpy() / np.float64(total)).astype(np.float32)
+
+    def float64_running() -> np.ndarray:
+        acc = torch.zeros(size, dtype=torch.float64)
+        with torch_threads(1):
+            for t, c in zip(tensors, counts, strict=True):
+                acc.add_(t, alpha=c)
+        return (acc.numpy() / total).astype(np.float32)
+
+    variants = {
+        "float32 running sum": float32_running,
+        "float64 running sum (mixed-dtype axpy)": float64_running,
+        "ours: float32 groups of 16, pairwise": lambda: ours_fedavg(vectors, counts),
+    }
+    t = timed({"ceiling": ceiling(vectors)} | variants, 5)
+    rows = []
+    for name in variants:
+        err = np.max(np.abs(OUTPUTS[name].astype(np.float64) - exact) / ulp)
+        rows.append([name, ms(t[name]), ratio(t["ceiling"], t[name])[1], f"{err:.1f}"])
+    OUTPUTS.clear()
+    return rows
+
+
+class torch_threads:
+    def __init__(self, n: int) -> None:
+        self.n, self.prev = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.prev)
+
+
+MEMORY_CHILD = r"""
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from fedrpc.fl.strategies import FedAvgAccumulator
+size, n = int(sys.argv[2]), int(sys.argv[3])
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+rng = np.random.default_rng(0)
+warm = FedAvgAccumulator(16)              # torch/numpy first-use allocations
+warm.add(np.ones(16, np.float32), 1); warm.finish()
+rng.standard_normal(16, dtype=np.float32)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")                          # reset the RSS high-water mark
+base = status("VmRSS:")
+acc = FedAvgAccumulator(size)
+for i in range(n):
+    update = rng.standard_normal(size, dtype=np.float32)   # one update at a time
+    acc.add(update, 1 + i % 7)
+    del update
+acc.finish()
+print(base, status("VmHWM:"))
+"""
+
+
+def memory_rows(size: int, n: int) -> list[list[object]]:
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(HERE.parent), str(size), str(n)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    base, peak = int(out[0]), int(out[1])
+    ratio = (peak - base) / (4 * size)
+    return [
+        [
+            f"streaming FedAvg, {n} updates x {size / 1e6:g}M",
+            f"{(peak - base) / 2**20:.1f}",
+            f"{4 * size / 2**20:.1f}",
+            f"**{ratio:.2f}** {verdict(ratio, 4, higher=False)}",
+        ]
+    ]
+
+
+def bench_end_to_end() -> list[list[object]]:
+    """TODO(server): time `training.aggregate` through the RPC server on the
+    same update set (decode + flatten + kernel + encode + store) and compare
+    with :func:`fedavg_rows`' kernel time. Added by the server's owner."""
+    return []
+
+
+def generate(n: int, size: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
+    rng = np.random.default_rng(seed)
+    vectors = [rng.standard_normal(size, dtype=np.float32) for _ in range(n)]
+    counts = [int(c) for c in rng.integers(10, 5000, size=n)]
+    return vectors, counts
+
+
+def main() -> None:
+    started = time.perf_counter()
+    torch.set_num_threads(1)  # every contender on one thread
+    vectors, counts = generate(200, SMALL, 1)
+    fedavg = []
+    for n in (50, 200):
+        fedavg += fedavg_rows(vectors[:n], counts[:n], rounds=7)
+        print(fedavg[-1], flush=True)
+    accumulators = accumulator_rows(vectors, counts)
+    print(accumulators, flush=True)
+    robust = []
+    for n in (50, 200):
+        robust += robust_rows(vectors[:n], counts[:n])
+        print(robust[-5:], flush=True)
+    del vectors
+    gc.collect()
+    big, big_counts = generate(N_LARGE, LARGE, 2)
+    fedavg += fedavg_rows(big, big_counts, rounds=4)
+    print(fedavg[-1], flush=True)
+    del big
+    gc.collect()
+    memory = memory_rows(SMALL, 200)
+    print(memory, flush=True)
+    end_to_end = bench_end_to_end()
+
+    peer = [] if FLOWER else ["(flwr not importable: Flower columns skipped)"]
+    fedavg_head = [
+        "FedAvg updates",
+        "ceiling ms (cpu)",
+        "ours ms (cpu)",
+        "ceiling/ours (goal >= 0.6)",
+        "ceiling/ours, add_many",
+    ]
+    if FLOWER:
+        fedavg_head += [
+            "flwr aggregate ms (cpu)",
+            "flwr aggregate_inplace ms (its decode)",
+            "aggregate_inplace/ours (goal >= 5)",
+            "aggregate/ours",
+            "max abs diff",
+        ]
+    body = "\n\n".join(
+        [
+            table(fedavg_head, fedavg),
+            table(
+                [
+                    "robust strategy",
+                    "ours ms (cpu)",
+                    "flwr ms (cpu)",
+                    "flwr/ours (goal >= 2)",
+                    "max abs diff",
+                ],
+                robust,
+            ),
+            table(
+                [
+                    "FedAvg accumulator (200 x 1M)",
+                    "ms (cpu)",
+                    "ceiling/variant",
+                    "max error, float32 ulps of mean abs",
+                ],
+                accumulators,
+            ),
+            table(
+                ["memory", "peak RSS above baseline MiB", "one update MiB", "ratio (goal <= 4x)"],
+                memory,
+            ),
+            *([table(["end to end"], end_to_end)] if end_to_end else []),
+            f"`python bench/aggregate.py`: one thread for everyone; times are the best "
+            "process CPU time over interleaved rounds and ratios compare those (the 2 cores "
+            "are shared with other jobs: wall-clock runs swung by 2x from preemption, CPU "
+            "time by up to ~20% between runs); the median per-round wall-clock ratio is "
+            "in brackets. "
+            f"flwr {_flwr_version()}, torch {torch.__version__}, numpy {np.__version__}. "
+            "Ceiling = one read-only sum over the same bytes. Flower's aggregate_inplace "
+            "decodes its `Parameters` bytes itself (decode alone in brackets); aggregate "
+            "takes decoded arrays. Robust strategies: ours over coordinate chunks with the "
+            "default 64 MiB working budget, Flower's on one-layer models; max abs diff "
+            "compares the two outputs (0 = same Krum choice, same median). "
+            + " ".join(peer)
+            + f" Whole bench: {time.perf_counter() - started:.0f} s.",
+        ]
+    )
+    print(body)
+    write_section("aggregate_kernels", "Aggregation kernels vs Flower and the memory ceiling", body)
+
+
+def _flwr_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("flwr")
+    except Exception:
+        return "absent"
+
+
+if __name__ == "__main__":
+    main()
