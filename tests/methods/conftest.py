@@ -52,3 +52,20 @@ async def mlp_model(client, org, mlp_bundle) -> dict:
         "models.versions.create", {"model_id": model["id"], **inline(mlp_bundle[1])}, org.token
     )
     return model
+
+
+async def shared_federation(client, owner, member, model: dict, name: str = "f") -> dict:
+    """A federation of `owner` with `model` shared into it and `member` an active member."""
+    fed = await client.ok("federations.create", {"name": name, "org_id": owner.id}, owner.token)
+    await client.ok(
+        "federations.models.share",
+        {"federation_id": fed["id"], "model_id": model["id"]},
+        owner.token,
+    )
+    await client.ok(
+        "federations.invite", {"federation_id": fed["id"], "org_ids": [member.id]}, owner.token
+    )
+    await client.ok(
+        "federations.join", {"federation_id": fed["id"], "org_id": member.id}, member.token
+    )
+    return fed

@@ -14,7 +14,7 @@ import torch
 from minio import Minio
 
 from tests.conftest import register_device
-from tests.methods.conftest import b64
+from tests.methods.conftest import b64, shared_federation
 
 MODEL_UNKNOWN = "mdl_" + "7" * 32
 FEDERATION_UNKNOWN = "fed_" + "8" * 32
@@ -80,18 +80,7 @@ async def device(client, org) -> dict:
 @pytest.fixture
 async def federation(client, org, other_org, mlp_model) -> dict:
     """`org` owns it and shares the MLP into it; `other_org` is an active member."""
-    fed = await client.ok("federations.create", {"name": "f", "org_id": org.id}, org.token)
-    await client.ok(
-        "federations.models.share",
-        {"federation_id": fed["id"], "model_id": mlp_model["id"]},
-        org.token,
-    )
-    await client.ok(
-        "federations.invite", {"federation_id": fed["id"], "org_ids": [other_org.id]}, org.token
-    )
-    await client.ok(
-        "federations.join", {"federation_id": fed["id"], "org_id": other_org.id}, other_org.token
-    )
+    fed = await shared_federation(client, org, other_org, mlp_model, "f")
     return fed
 
 
@@ -575,18 +564,7 @@ async def test_devices_write_federation_states_only_where_their_org_is_a_member(
     assert error["data"]["type"] == "forbidden"
     # A model other_org may read through another federation is still not part of this one.
     elsewhere = await client.ok("models.create", {"name": "elsewhere"}, org.token)
-    second = await client.ok("federations.create", {"name": "g", "org_id": org.id}, org.token)
-    await client.ok(
-        "federations.models.share",
-        {"federation_id": second["id"], "model_id": elsewhere["id"]},
-        org.token,
-    )
-    await client.ok(
-        "federations.invite", {"federation_id": second["id"], "org_ids": [other_org.id]}, org.token
-    )
-    await client.ok(
-        "federations.join", {"federation_id": second["id"], "org_id": other_org.id}, other_org.token
-    )
+    second = await shared_federation(client, org, other_org, elsewhere, "g")
     member = await register_device(client, other_org.token)
     error = await client.error(
         "training.personalized.update",

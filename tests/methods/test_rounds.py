@@ -9,6 +9,7 @@ import pytest
 import safetensors.numpy
 
 from tests.conftest import register_device
+from tests.methods.conftest import shared_federation
 
 ROUND_UNKNOWN = "rnd_" + "4" * 32
 
@@ -189,18 +190,7 @@ async def test_no_eligible_device_is_a_precondition_failure(client, org, mlp_mod
 async def test_federation_rounds_select_devices_of_active_members(
     client, org, other_org, make_org, mlp_model
 ):
-    fed = await client.ok("federations.create", {"name": "f", "org_id": org.id}, org.token)
-    await client.ok(
-        "federations.models.share",
-        {"federation_id": fed["id"], "model_id": mlp_model["id"]},
-        org.token,
-    )
-    await client.ok(
-        "federations.invite", {"federation_id": fed["id"], "org_ids": [other_org.id]}, org.token
-    )
-    await client.ok(
-        "federations.join", {"federation_id": fed["id"], "org_id": other_org.id}, other_org.token
-    )
+    fed = await shared_federation(client, org, other_org, mlp_model, "f")
     outsider = await make_org("outsider")
     mine = await register_device(client, org.token)
     theirs = await register_device(client, other_org.token)

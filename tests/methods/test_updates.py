@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import register_device
+from tests.methods.conftest import shared_federation
 from tests.methods.test_weights_upload import running_round, update_bytes, upload_params
 
 
@@ -37,18 +38,7 @@ def when(value: str | None) -> datetime | None:
 @pytest.fixture
 async def world(client, org, other_org, make_org, mlp_model):
     """org owns the model and a federation with other_org; one private and two federated rounds with uploads."""
-    fed = await client.ok("federations.create", {"name": "f", "org_id": org.id}, org.token)
-    await client.ok(
-        "federations.models.share",
-        {"federation_id": fed["id"], "model_id": mlp_model["id"]},
-        org.token,
-    )
-    await client.ok(
-        "federations.invite", {"federation_id": fed["id"], "org_ids": [other_org.id]}, org.token
-    )
-    await client.ok(
-        "federations.join", {"federation_id": fed["id"], "org_id": other_org.id}, other_org.token
-    )
+    fed = await shared_federation(client, org, other_org, mlp_model, "f")
     a1, a2 = [await register_device(client, org.token) for _ in range(2)]
     b1, b2 = [await register_device(client, other_org.token) for _ in range(2)]
     owner = {

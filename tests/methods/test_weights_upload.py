@@ -17,6 +17,7 @@ import torch
 from minio import Minio
 
 from tests.conftest import register_device
+from tests.methods.conftest import shared_federation
 
 ROUND_UNKNOWN = "rnd_" + "5" * 32
 MANIFEST = {"fc1.weight": (16, 6), "fc1.bias": (16,), "fc2.weight": (3, 16), "fc2.bias": (3,)}
@@ -333,18 +334,7 @@ async def test_org_key_cannot_upload(client, org, rnd):
 async def test_device_of_a_member_that_is_no_longer_active_is_forbidden(
     client, org, other_org, database_url, mlp_model
 ):
-    fed = await client.ok("federations.create", {"name": "f", "org_id": org.id}, org.token)
-    await client.ok(
-        "federations.models.share",
-        {"federation_id": fed["id"], "model_id": mlp_model["id"]},
-        org.token,
-    )
-    await client.ok(
-        "federations.invite", {"federation_id": fed["id"], "org_ids": [other_org.id]}, org.token
-    )
-    await client.ok(
-        "federations.join", {"federation_id": fed["id"], "org_id": other_org.id}, other_org.token
-    )
+    fed = await shared_federation(client, org, other_org, mlp_model, "f")
     theirs = await register_device(client, other_org.token)
     rnd = await running_round(client, org, mlp_model, [theirs], federation_id=fed["id"])
     run_sql(
