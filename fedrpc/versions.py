@@ -8,6 +8,7 @@ without a row.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -48,8 +49,18 @@ async def publish_version(
     prefix = f"models/{model_id}/{secrets.token_hex(12)}"
     stored: list[tuple[str, StoredObject]] = []
     try:
-        for kind, data in artifacts.items():
-            stored.append((kind, await storage.put(f"{prefix}/{FILENAMES[kind]}", data)))
+        # The objects are written side by side (the S3 server is the bottleneck, not us);
+        # every one that made it is recorded so a failure can delete them all.
+        puts = [
+            storage.put(f"{prefix}/{FILENAMES[kind]}", data) for kind, data in artifacts.items()
+        ]
+        results = await asyncio.gather(*puts, return_exceptions=True)
+        stored = [
+            (k, r) for k, r in zip(artifacts, results, strict=True) if isinstance(r, StoredObject)
+        ]
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise failures[0]
         async with db.transaction() as tx:
             version = await tx.value("models.versions.lock_next_version", model_id=model_id)
             await tx.run(
