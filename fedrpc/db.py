@@ -189,7 +189,6 @@ async def _execute(conn: psycopg.AsyncConnection, sql: str, params: dict[str, An
 
 async def _configure(conn: psycopg.AsyncConnection) -> None:
     await conn.execute("SET TIME ZONE 'UTC'")
-    await conn.commit()
 
 
 def open_pool(conninfo: str, *, min_size: int = 2, max_size: int = 10) -> AsyncConnectionPool:
@@ -200,7 +199,9 @@ def open_pool(conninfo: str, *, min_size: int = 2, max_size: int = 10) -> AsyncC
         max_size=max_size,
         open=False,
         configure=_configure,
-        kwargs={"autocommit": False},
+        # A lone statement commits by itself (one round trip, not BEGIN + statement + COMMIT);
+        # `Database.transaction()` opens an explicit transaction where several must commit together.
+        kwargs={"autocommit": True},
     )
 
 
