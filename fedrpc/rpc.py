@@ -14,8 +14,8 @@ import hashlib
 import inspect
 import logging
 import math
+import os
 import re
-import secrets
 import time
 import warnings
 from typing import Any
@@ -24,6 +24,7 @@ import msgspec
 from aiohttp import web
 
 from fedrpc import idempotency
+from fedrpc.auth import Principal
 from fedrpc.context import Context, Services
 from fedrpc.errors import (
     INTERNAL_ERROR,
@@ -69,7 +70,7 @@ class Envelope(msgspec.Struct):
 _body_decoder = msgspec.json.Decoder(Envelope | list[msgspec.Raw])
 _member_decoder = msgspec.json.Decoder(Envelope)
 _encode = msgspec.json.Encoder().encode
-_PATH = re.compile(r" - at `(\$[^`]*)`$")
+_PATH = re.compile(r" - at (?:`key` in )?`(\$[^`]*)`$")
 _JSON = "application/json"
 
 
@@ -103,17 +104,25 @@ class Call:
 
 def _check(env: Envelope, services: Services, request_id: str) -> Call:
     call = Call(env)
-    bad_id = env.id is not UNSET and (isinstance(env.id, bool) or not isinstance(env.id, str | int | float | None))
+    bad_id = env.id is not UNSET and (
+        isinstance(env.id, bool) or not isinstance(env.id, str | int | float | None)
+    )
     if bad_id:
         env.id = None
     if env.jsonrpc != "2.0" or not isinstance(env.method, str) or bad_id:
-        call.error = protocol_error_object(INVALID_REQUEST, request_id, "not a JSON-RPC 2.0 request object")
+        call.error = protocol_error_object(
+            INVALID_REQUEST, request_id, "not a JSON-RPC 2.0 request object"
+        )
     elif env.params is not UNSET and _first_byte(env.params) not in (b"{", b"["):
-        call.error = protocol_error_object(INVALID_REQUEST, request_id, "params must be an object or an array")
+        call.error = protocol_error_object(
+            INVALID_REQUEST, request_id, "params must be an object or an array"
+        )
     else:
         call.spec = services.registry.get(env.method)
         if call.spec is None:
-            call.error = protocol_error_object(METHOD_NOT_FOUND, request_id, f"no method named {env.method[:100]!r}")
+            call.error = protocol_error_object(
+                METHOD_NOT_FOUND, request_id, f"no method named {env.method[:100]!r}"
+            )
     return call
 
 
@@ -122,23 +131,36 @@ def _parse(body: bytes, services: Services, request_id: str) -> tuple[list[Call]
     try:
         decoded = _body_decoder.decode(body)
     except msgspec.ValidationError:
-        return protocol_error_object(INVALID_REQUEST, request_id, "the body must be a JSON object or array")
+        return protocol_error_object(
+            INVALID_REQUEST, request_id, "the body must be a JSON object or array"
+        )
     except msgspec.DecodeError:
         return protocol_error_object(PARSE_ERROR, request_id, "the body is not valid JSON")
     except RecursionError:
-        return protocol_error_object(PARSE_ERROR, request_id, "the body nests arrays or objects too deeply")
+        return protocol_error_object(
+            PARSE_ERROR, request_id, "the body nests arrays or objects too deeply"
+        )
     if isinstance(decoded, Envelope):
         return [_check(decoded, services, request_id)], False
     if not decoded:
         return protocol_error_object(INVALID_REQUEST, request_id, "an empty batch is not a request")
     if len(decoded) > services.settings.max_batch:
-        return AppErrorBox(BadRequest(f"a batch may hold at most {services.settings.max_batch} calls"))
+        return AppErrorBox(
+            BadRequest(f"a batch may hold at most {services.settings.max_batch} calls")
+        )
     calls = []
     for raw in decoded:
         try:
             calls.append(_check(_member_decoder.decode(raw), services, request_id))
         except (msgspec.DecodeError, RecursionError):
-            calls.append(Call(None, protocol_error_object(INVALID_REQUEST, request_id, "a batch member must be an object")))
+            calls.append(
+                Call(
+                    None,
+                    protocol_error_object(
+                        INVALID_REQUEST, request_id, "a batch member must be an object"
+                    ),
+                )
+            )
     return calls, True
 
 
@@ -163,14 +185,16 @@ def decode_params(spec: MethodSpec, raw: msgspec.Raw | Any) -> Any:
 
 
 async def _invoke(ctx: Context, spec: MethodSpec, params: Any) -> bytes:
-    async def run() -> bytes:
-        return _encode(await spec.handler(ctx, params))
-
     if spec.idempotent and params.idempotency_key is not None:
+
+        async def run() -> bytes:
+            return _encode(await spec.handler(ctx, params))
+
         digest = hashlib.sha256(_encode(params)).digest()
-        return await idempotency.run_once(ctx.db, ctx.principal.label, spec.name,
-                                          params.idempotency_key, digest, run)
-    return await run()
+        return await idempotency.run_once(
+            ctx.db, ctx.principal.label, spec.name, params.idempotency_key, digest, run
+        )
+    return _encode(await spec.handler(ctx, params))
 
 
 async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
@@ -185,11 +209,20 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
         except msgspec.ValidationError as exc:
             text = str(exc)
             match = _PATH.search(text)
-            return Error(**protocol_error_object(INVALID_PARAMS, request_id, _PATH.sub("", text),
-                                                 path=match.group(1) if match else "$"))
+            return Error(
+                **protocol_error_object(
+                    INVALID_PARAMS,
+                    request_id,
+                    _PATH.sub("", text),
+                    path=match.group(1) if match else "$",
+                )
+            )
         except (msgspec.DecodeError, RecursionError):
-            return Error(**protocol_error_object(INVALID_PARAMS, request_id,
-                                                 "params are not valid JSON or nest too deeply"))
+            return Error(
+                **protocol_error_object(
+                    INVALID_PARAMS, request_id, "params are not valid JSON or nest too deeply"
+                )
+            )
         return Success(msgspec.Raw(await _invoke(ctx, spec, params)))
     except AppError as exc:
         return Error(**app_error_object(exc, request_id))
@@ -197,41 +230,79 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
         return Error(**app_error_object(BadRequest(str(exc)), request_id))
     except Exception:
         log.exception("unhandled error in %s (request %s)", spec.name, request_id)
-        return Error(**protocol_error_object(INTERNAL_ERROR, request_id, "the server failed to complete the call"))
+        return Error(
+            **protocol_error_object(
+                INTERNAL_ERROR, request_id, "the server failed to complete the call"
+            )
+        )
 
 
-# jsonrpcserver checks every call with inspect.signature(target).bind(...); a
-# precomputed signature spares it rebuilding one from the code object each time.
-_jsonrpc_target.__signature__ = inspect.signature(_jsonrpc_target)  # type: ignore[attr-defined]
+class _TargetSignature(inspect.Signature):
+    """The target's signature, precomputed, with a bind that knows the target's one shape.
+
+    jsonrpcserver checks every call with ``inspect.signature(target).bind(*args)``
+    before calling it. Without ``__signature__`` it rebuilds the signature from
+    the code object each time; and the generic bind walks the parameters in
+    Python although the target is always called as ``(ctx, call)``.
+    """
+
+    __slots__ = ()
+
+    def bind(self, /, *args: Any, **kwargs: Any) -> inspect.BoundArguments:
+        if len(args) == 2 and not kwargs:
+            return inspect.BoundArguments(self, {"ctx": args[0], "call": args[1]})
+        return super().bind(*args, **kwargs)
 
 
-async def _dispatch(services: Services, principal, call: Call, request_id: str, metrics: Metrics) -> bytes | None:
+_jsonrpc_target.__signature__ = _TargetSignature.from_callable(_jsonrpc_target)  # type: ignore[attr-defined]
+
+
+async def _dispatch(
+    services: Services,
+    principal: Principal | None,
+    who: str,
+    call: Call,
+    request_id: str,
+    metrics: Metrics,
+) -> bytes | None:
     started = time.perf_counter()
-    if call.error is None:
+    env, spec, error = call.env, call.spec, call.error
+    id_ = None if env is None or env.id is UNSET else env.id
+    if error is None:
+        name = spec.name
         ctx = Context(services, principal, request_id)
-        request = JsonRpcRequest(call.spec.name, [call], call.id)
-        _, result = await dispatch_request({call.spec.name: _jsonrpc_target}, ctx, request)
+        _, result = await dispatch_request(
+            {name: _jsonrpc_target}, ctx, JsonRpcRequest(name, [call], id_)
+        )
         outcome = getattr(result, "_value", None)  # oslash: Right holds _value, Left holds _error
         if isinstance(outcome, SuccessResult):
-            body = b'{"jsonrpc":"2.0","result":' + bytes(outcome.result) + b',"id":' + _encode(call.id) + b"}"
-            error = None
+            body = (
+                b'{"jsonrpc":"2.0","result":'
+                + bytes(outcome.result)
+                + b',"id":'
+                + _encode(id_)
+                + b"}"
+            )
         else:
             err = result._error
             error = {"code": err.code, "message": err.message, "data": err.data}
     else:
-        error = call.error
+        name = spec.name if spec else "unknown"
     if error is not None:
-        body = _encode({"jsonrpc": "2.0", "error": error, "id": call.id})
+        body = _encode({"jsonrpc": "2.0", "error": error, "id": id_})
     duration = time.perf_counter() - started
-    name = call.spec.name if call.spec else "unknown"
-    outcome = error["data"]["type"] if error else "ok"
-    metrics.observe(name, outcome, duration)
-    log_call(name, principal.label if principal else "anonymous", duration, request_id, outcome,
-             error["code"] if error else None)
+    if error is None:
+        metrics.observe(name, "ok", duration)
+        log_call(name, who, duration, request_id, "ok", None)
+    else:
+        metrics.observe(name, error["data"]["type"], duration)
+        log_call(name, who, duration, request_id, error["data"]["type"], error["code"])
     return None if call.is_notification else body
 
 
-def _error_response(status: int, error: dict, headers: dict[str, str] | None = None) -> web.Response:
+def _error_response(
+    status: int, error: dict, headers: dict[str, str] | None = None
+) -> web.Response:
     body = _encode({"jsonrpc": "2.0", "error": error, "id": None})
     return web.Response(body=body, status=status, content_type=_JSON, headers=headers)
 
@@ -239,7 +310,9 @@ def _error_response(status: int, error: dict, headers: dict[str, str] | None = N
 async def handle_rpc(request: web.Request) -> web.Response:
     services: Services = request.app[SERVICES]
     metrics: Metrics = request.app[METRICS]
-    request_id = secrets.token_hex(8)
+    request_id = os.urandom(
+        8
+    ).hex()  # what secrets.token_hex(8) returns, without its two Python calls
     headers = {"X-Request-Id": request_id}
     try:
         body = await request.read()
@@ -258,19 +331,26 @@ async def handle_rpc(request: web.Request) -> web.Response:
             raise Unauthorized("this method needs 'Authorization: Bearer <token>'")
     except Unauthorized as exc:
         metrics.error("unauthorized")
-        return _error_response(401, app_error_object(exc, request_id),
-                               {**headers, "WWW-Authenticate": "Bearer"})
+        return _error_response(
+            401, app_error_object(exc, request_id), {**headers, "WWW-Authenticate": "Bearer"}
+        )
     who = principal.label if principal else f"ip:{request.remote}"
     wait = services.extras["limiter"].take(who, float(len(calls)))
     if wait > 0:
         retry_after = math.ceil(wait)
         metrics.error("rate_limited")
         exc = RateLimited("too many calls; retry later", retry_after=retry_after)
-        return _error_response(429, app_error_object(exc, request_id),
-                               {**headers, "Retry-After": str(retry_after)})
-    bodies = [await _dispatch(services, principal, c, request_id, metrics) for c in calls]
+        return _error_response(
+            429, app_error_object(exc, request_id), {**headers, "Retry-After": str(retry_after)}
+        )
+    label = who if principal else "anonymous"
+    if not is_batch:
+        payload = await _dispatch(services, principal, label, calls[0], request_id, metrics)
+        if payload is None:
+            return web.Response(status=204, headers=headers)
+        return web.Response(body=payload, content_type=_JSON, headers=headers)
+    bodies = [await _dispatch(services, principal, label, c, request_id, metrics) for c in calls]
     answers = [b for b in bodies if b is not None]
     if not answers:
         return web.Response(status=204, headers=headers)
-    payload = b"[" + b",".join(answers) + b"]" if is_batch else answers[0]
-    return web.Response(body=payload, content_type=_JSON, headers=headers)
+    return web.Response(body=b"[" + b",".join(answers) + b"]", content_type=_JSON, headers=headers)

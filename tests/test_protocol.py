@@ -316,3 +316,38 @@ async def test_health_readiness_and_metrics(client, org):
     text = await (await client.http.get("/metrics")).text()
     assert 'fedrpc_calls_total{method="system.ping",outcome="ok"} 1.0' in text
     assert "fedrpc_call_seconds_bucket" in text
+
+
+async def test_each_call_writes_one_json_log_line_without_secrets(client, org):
+    import asyncio
+    import io
+    import logging
+
+    from fedrpc.observability import JsonFormatter, JsonLineHandler
+
+    stream = io.StringIO()
+    handler = JsonLineHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    calls = logging.getLogger("fedrpc.calls")
+    calls.addHandler(handler)
+    level = calls.level
+    calls.setLevel(logging.INFO)
+    try:
+        await client.ok("system.ping", None, org.token)
+        await client.error("orgs.get", {"org_id": "org_" + "9" * 32}, org.token)
+        await asyncio.sleep(0)
+        handler.flush()
+    finally:
+        calls.removeHandler(handler)
+        calls.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(x["method"], x["outcome"]) for x in lines] == [
+        ("system.ping", "ok"),
+        ("orgs.get", "forbidden"),
+    ]
+    assert all(
+        x["principal"] == f"org:{org.id}" and x["duration_ms"] >= 0 and len(x["request_id"]) == 16
+        for x in lines
+    )
+    assert lines[1]["code"] == 4403
+    assert org.token not in stream.getvalue()

@@ -448,8 +448,8 @@ async def test_a_malformed_progress_key_is_invalid_params(client, org, mlp_model
         {"job_id": job["id"], "state": "queued", "progress": {"bad key!": 1}},
         device["token"],
     )
-    # msgspec words a bad dict key as "at `key` in `$.progress`", which rpc.py does not turn into data.path yet.
-    assert error["code"] == -32602 and "`$.progress`" in error["data"]["message"]
+    # msgspec words a bad dict key as "at `key` in `$.progress`": the path is the map's.
+    assert error["code"] == -32602 and error["data"]["path"] == "$.progress"
 
 
 async def test_oversized_progress_metrics_and_errors_are_invalid_params(client, org, mlp_model):
