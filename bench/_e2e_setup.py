@@ -14,7 +14,6 @@ import base64
 import contextlib
 import io
 import logging
-import socket
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from typing import Any
 import aiohttp
 import msgspec
 import numpy as np
+from _common import envelope, free_port  # bench/ is on sys.path (aggregate.py puts it there)
 
 #: MLP width: Linear(WIDTH, WIDTH) + Linear(WIDTH, OUT) = 1,011,010 float32 parameters.
 WIDTH, OUT = 1000, 10
@@ -36,12 +36,6 @@ DEVICE = {
     "capabilities": {"battery_pct": 90, "charging": True, "network_type": "wifi",
                      "available_storage_mb": 4096},
 }  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _net():
@@ -84,10 +78,6 @@ def update_bytes(shapes: dict[str, tuple[int, ...]], seed: int) -> bytes:
     return safetensors.numpy.save(
         {k: rng.normal(0, 0.01, s).astype(np.float32) for k, s in shapes.items()}
     )
-
-
-def envelope(method: str, params: dict) -> bytes:
-    return msgspec.json.encode({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
 
 
 class Api:

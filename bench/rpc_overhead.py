@@ -28,11 +28,9 @@ asks for it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,9 @@ import urllib.request
 from pathlib import Path
 
 import msgspec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import create_org, envelope, free_port, wait_ready  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GOALS = {"system.ping": 0.7, "devices.sync": 0.35}
@@ -129,32 +130,6 @@ def ensure_wrk() -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"rpc_overhead: {what} exited with status {proc.returncode} before answering")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"rpc_overhead: {what} did not answer within {timeout:.0f} s")
-
-
-def envelope(method: str, params: dict | None = None) -> bytes:
-    env = {"jsonrpc": "2.0", "method": method, "id": 1} | (
-        {"params": params} if params is not None else {}
-    )
-    return json.dumps(env, separators=(",", ":")).encode()
-
-
 def post(port: int, body: bytes, token: str) -> dict:
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
     req = urllib.request.Request(
@@ -162,19 +137,6 @@ def post(port: int, body: bytes, token: str) -> dict:
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
-
-
-def create_org(database_url: str) -> str:
-    """Migrate the fresh database and create the org the bench calls as; returns its API key."""
-    from fedrpc.admin import create_org as create
-    from fedrpc.db import Database, load_queries, migrate, open_pool
-
-    async def run() -> str:
-        await migrate(database_url)
-        async with open_pool(database_url, min_size=1, max_size=1) as pool:
-            return (await create(Database(pool, load_queries()), "bench"))[1]
-
-    return asyncio.run(run())
 
 
 def calls_by_outcome(port: int) -> dict[str, float]:
@@ -323,6 +285,7 @@ def measure(
             for r in range(args.rounds):
                 for target in targets[r % 3 :] + targets[: r % 3]:
                     runs[target.name].append(run_wrk(wrk, target, args, args.seconds, scratch))
+            time.sleep(0.5)  # wrk stops with requests in flight; let the server finish them
             after = calls_by_outcome(app_port)
         finally:
             stop(procs)  # the server flushes its last log lines as it exits

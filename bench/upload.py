@@ -33,13 +33,11 @@ import hashlib
 import io
 import logging
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -47,44 +45,15 @@ import aiohttp
 import msgspec
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import create_org, envelope, free_port, wait_ready  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 GOAL = 0.5
 # Hidden width d of Linear(d, d) + Linear(d, 2): about 100k and 1M parameters.
 SIZES = {"100k": 316, "1M": 1000}
 UPLOADS = {"100k": 160, "1M": 40}
 MODES = ("ceiling", "inline", "inline+key", "presigned")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"the server exited with status {proc.returncode} before answering")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"the server did not answer within {timeout:.0f} s")
-
-
-def create_org(database_url: str) -> str:
-    """Migrate the fresh database and make the bench's organization; its API key."""
-    from fedrpc.admin import create_org as create
-    from fedrpc.db import Database, load_queries, migrate, open_pool
-
-    async def run() -> str:
-        await migrate(database_url)
-        async with open_pool(database_url, min_size=1, max_size=1) as pool:
-            return (await create(Database(pool, load_queries()), "bench"))[1]
-
-    return asyncio.run(run())
 
 
 def make_net(width: int):
@@ -157,10 +126,6 @@ class Api:
         if "result" not in answer:
             sys.exit(f"{method} failed: {answer['error']}")
         return answer["result"]
-
-
-def envelope(method: str, params: dict) -> bytes:
-    return msgspec.json.encode({"jsonrpc": "2.0", "method": method, "params": params, "id": 1})
 
 
 async def concurrently(n: int, jobs: list, run) -> float:
