@@ -3,43 +3,15 @@
 from __future__ import annotations
 
 import math
-import warnings
 
-import dp_accounting
-import numpy as np
 import pytest
-from opacus.accountants.analysis import rdp as opacus_rdp
 
 from fedrpc.fl import InvalidInput
-from fedrpc.fl.privacy import ORDERS, BudgetCheck, RoundCharge, check_charge
+from fedrpc.fl.privacy import BudgetCheck, RoundCharge, check_charge
+from tests.kernels.privacy_references import dp_accounting_pld, opacus_epsilon
 
 RECORDED = [RoundCharge(1.0, 0.02, 100), RoundCharge(1.2, 0.05, 40), RoundCharge(1.0, 0.02, 60)]
 NEW = RoundCharge(0.9, 0.03, 80)
-
-
-def opacus_epsilon(charges: list[RoundCharge], delta: float) -> float:
-    """Opacus' per-order formulas on our order grid, composed and converted once."""
-    rdp = np.zeros(ORDERS.size)
-    for c in charges:
-        rdp += opacus_rdp.compute_rdp(
-            q=c.sample_rate,
-            noise_multiplier=c.noise_multiplier,
-            steps=c.num_steps,
-            orders=list(ORDERS),
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns when the best order is an end point
-        return max(0.0, float(opacus_rdp.get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)[0]))
-
-
-def dp_accounting_pld(charges: list[RoundCharge], delta: float) -> float:
-    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
-    for c in charges:
-        event = dp_accounting.PoissonSampledDpEvent(
-            c.sample_rate, dp_accounting.GaussianDpEvent(c.noise_multiplier)
-        )
-        accountant.compose(dp_accounting.SelfComposedDpEvent(event, c.num_steps))
-    return float(accountant.get_epsilon(delta))
 
 
 def test_rdp_decision_reports_composed_epsilons() -> None:

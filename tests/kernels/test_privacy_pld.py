@@ -4,34 +4,13 @@ from __future__ import annotations
 
 import math
 
-import dp_accounting
 import numpy as np
 import pytest
-from scipy import integrate, optimize, stats
+from scipy import integrate, stats
 
 from fedrpc.fl import InvalidInput
 from fedrpc.fl.privacy import RoundCharge, compose_epsilon, pld, pld_epsilon
-
-
-def dp_accounting_pld(charges: list[RoundCharge], delta: float, h: float) -> float:
-    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=h)
-    for c in charges:
-        event = dp_accounting.PoissonSampledDpEvent(
-            c.sample_rate, dp_accounting.GaussianDpEvent(c.noise_multiplier)
-        )
-        accountant.compose(dp_accounting.SelfComposedDpEvent(event, c.num_steps))
-    return float(accountant.get_epsilon(delta))
-
-
-def exact_gaussian_epsilon(sigma: float, steps: int, delta: float) -> float:
-    """Balle & Wang 2018: exact epsilon of `steps` unsampled Gaussian releases."""
-    s = sigma / math.sqrt(steps)
-
-    def excess(eps: float) -> float:
-        upper = stats.norm.cdf(0.5 / s - eps * s)
-        return upper - math.exp(eps + stats.norm.logcdf(-0.5 / s - eps * s)) - delta
-
-    return optimize.brentq(excess, 0.0, 1e4, xtol=1e-12)
+from tests.kernels.privacy_references import dp_accounting_pld, exact_gaussian_epsilon
 
 
 def exact_one_step_delta(sigma: float, q: float, eps: float) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import dp_accounting
 import mpmath
@@ -11,8 +10,6 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant as dpa_rdp
 from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as opacus_rdp
-from scipy import optimize, stats
 
 from fedrpc.fl import InvalidInput
 from fedrpc.fl.privacy import (
@@ -24,6 +21,11 @@ from fedrpc.fl.privacy import (
     epsilon_from_rdp,
     one_step_rdp,
     rdp_curve,
+)
+from tests.kernels.privacy_references import (
+    dp_accounting_epsilon,
+    exact_gaussian_epsilon,
+    opacus_epsilon,
 )
 
 # --- the sampled grid -------------------------------------------------------
@@ -58,48 +60,6 @@ HISTORIES = [
 ]
 
 # --- references -------------------------------------------------------------
-
-_OPACUS_CURVES: dict[tuple[float, float], np.ndarray] = {}
-
-
-def opacus_curve(sigma: float, q: float) -> np.ndarray:
-    """Opacus' per-order formulas evaluated on our grid (memoised across tests)."""
-    if (sigma, q) not in _OPACUS_CURVES:
-        _OPACUS_CURVES[sigma, q] = np.asarray(
-            opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(ORDERS))
-        )
-    return _OPACUS_CURVES[sigma, q]
-
-
-def opacus_epsilon(charges: list[RoundCharge], delta: float, orders: np.ndarray) -> float:
-    mask = np.isin(ORDERS, orders)
-    rdp = sum(c.num_steps * opacus_curve(c.noise_multiplier, c.sample_rate) for c in charges)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns when the best order is an end point
-        eps, _ = opacus_rdp.get_privacy_spent(orders=ORDERS[mask], rdp=rdp[mask], delta=delta)
-    return max(0.0, float(eps))
-
-
-def dp_accounting_epsilon(charges: list[RoundCharge], delta: float) -> float:
-    accountant = dpa_rdp.RdpAccountant()
-    for c in charges:
-        event = dp_accounting.PoissonSampledDpEvent(
-            c.sample_rate, dp_accounting.GaussianDpEvent(c.noise_multiplier)
-        )
-        accountant.compose(dp_accounting.SelfComposedDpEvent(event, c.num_steps))
-    return float(accountant.get_epsilon(delta))
-
-
-def exact_gaussian_epsilon(sigma: float, steps: int, delta: float) -> float:
-    """Balle & Wang 2018: exact epsilon of `steps` unsampled Gaussian releases."""
-    s = sigma / math.sqrt(steps)
-
-    def excess(eps: float) -> float:
-        upper = stats.norm.cdf(0.5 / s - eps * s)
-        lower = math.exp(eps + stats.norm.logcdf(-0.5 / s - eps * s))
-        return upper - lower - delta
-
-    return optimize.brentq(excess, 0.0, 1e4, xtol=1e-12)
 
 
 OPACUS_DEFAULT = np.asarray(RDPAccountant.DEFAULT_ALPHAS, dtype=float)

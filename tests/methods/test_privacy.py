@@ -5,21 +5,19 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedrpc.errors import PrivacyBudgetExhausted
-from fedrpc.fl.privacy import ORDERS, RoundCharge
+from fedrpc.fl.privacy import RoundCharge
 from fedrpc.privacy_ledger import charge_round
 from fedrpc.rpc import SERVICES
+from tests.kernels.privacy_references import opacus_epsilon as reference_epsilon
 
 FED_ID_UNKNOWN = "fed_" + "3" * 32
 
 
 def opacus_epsilon(rounds: list[tuple[float, float, int]], delta: float) -> float:
-    """Opacus's RDP of the same history on our order grid, converted once."""
-    orders = list(map(float, ORDERS))
-    rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in rounds)
-    return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+    """Opacus's RDP of (noise, rate, steps) rounds on our order grid, converted once."""
+    return reference_epsilon([RoundCharge(s, q, n) for s, q, n in rounds], delta)
 
 
 @pytest.fixture
