@@ -96,8 +96,3 @@ async def payload_bytes(
             await ctx.db.run("uploads.release_upload", upload_id=upload.id)
         raise
     await ctx.storage.delete_quietly([u.object_key for u in claimed])
-
-
-async def discard(ctx: Context, keys: list[str]) -> None:
-    """Delete objects nobody references any more (see Storage.delete_quietly)."""
-    await ctx.storage.delete_quietly(keys)

@@ -14,7 +14,7 @@ import msgspec
 
 from fedrpc.db import Database
 from fedrpc.errors import PrivacyBudgetExhausted
-from fedrpc.fl.privacy import BudgetCheck, RoundCharge, check_charge
+from fedrpc.fl.privacy import BudgetCheck, RoundCharge, check_charge, compose_epsilon
 from schemas.federations.privacy import LedgerEntry
 
 DEFAULT_DELTA = 1e-5
@@ -34,6 +34,18 @@ class Charge(msgspec.Struct):
     num_steps: int
 
 
+async def recorded_charges(db: Database, federation_id: str) -> list[RoundCharge]:
+    """Every charged round of the federation, oldest first."""
+    rows = await db.all("federations.privacy.list_charges", Charge, federation_id=federation_id)
+    return [RoundCharge(c.noise_multiplier, c.sample_rate, c.num_steps) for c in rows]
+
+
+async def spent(db: Database, federation_id: str, *, delta: float) -> tuple[float, int]:
+    """The epsilon of the whole recorded history at ``delta`` (composed once), and its round count."""
+    recorded = await recorded_charges(db, federation_id)
+    return compose_epsilon(recorded, delta), len(recorded)
+
+
 async def price(
     db: Database,
     federation_id: str,
@@ -44,12 +56,7 @@ async def price(
     accountant: str = "rdp",
 ) -> BudgetCheck:
     """What charging ``charge`` would do, given the recorded history; records nothing."""
-    recorded = [
-        RoundCharge(c.noise_multiplier, c.sample_rate, c.num_steps)
-        for c in await db.all(
-            "federations.privacy.list_charges", Charge, federation_id=federation_id
-        )
-    ]
+    recorded = await recorded_charges(db, federation_id)
     budget = NO_BUDGET if epsilon_budget is None else epsilon_budget
     # Cached RDP pricing takes microseconds; PLD convolutions can take a while, so off the loop.
     if accountant == "rdp":

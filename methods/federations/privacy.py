@@ -5,7 +5,7 @@ from __future__ import annotations
 from fedrpc.access import federation_for_member, federation_for_owner
 from fedrpc.context import Context
 from fedrpc.fl.privacy import RoundCharge
-from fedrpc.privacy_ledger import DEFAULT_DELTA, price
+from fedrpc.privacy_ledger import DEFAULT_DELTA, price, spent
 from fedrpc.registry import ORG, rpc_method
 from schemas.federations.privacy import (
     Budget,
@@ -25,15 +25,7 @@ async def get(ctx: Context, p: GetParams) -> PrivacyState:
     """The budget, the epsilon spent so far (composed over every charged round) and what remains."""
     fed = await federation_for_member(ctx, p.federation_id)
     delta = fed.total_delta_budget or DEFAULT_DELTA
-    # Pricing an empty round is not possible, so price the cheapest one and read current_epsilon.
-    check = await price(
-        ctx.db,
-        fed.id,
-        RoundCharge(1.0, 1e-12, 1),
-        delta=delta,
-        epsilon_budget=fed.total_epsilon_budget,
-    )
-    rounds = await ctx.db.value("federations.privacy.count_ledger", federation_id=fed.id)
+    epsilon, rounds = await spent(ctx.db, fed.id, delta=delta)
     has_budget = fed.total_epsilon_budget is not None
     return PrivacyState(
         federation_id=fed.id,
@@ -43,9 +35,9 @@ async def get(ctx: Context, p: GetParams) -> PrivacyState:
         total_epsilon_budget=fed.total_epsilon_budget,
         total_delta_budget=fed.total_delta_budget,
         delta=delta,
-        current_epsilon_spent=check.current_epsilon,
-        epsilon_remaining=check.epsilon_remaining if has_budget else None,
-        is_exhausted=has_budget and check.current_epsilon >= fed.total_epsilon_budget,
+        current_epsilon_spent=epsilon,
+        epsilon_remaining=max(0.0, fed.total_epsilon_budget - epsilon) if has_budget else None,
+        is_exhausted=has_budget and epsilon >= fed.total_epsilon_budget,
         rounds_tracked=rounds,
     )
 

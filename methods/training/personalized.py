@@ -44,7 +44,7 @@ from fedrpc.fl.tensors import (
     encode_safetensors,
     manifest_from_json,
 )
-from fedrpc.payloads import discard, payload_bytes
+from fedrpc.payloads import payload_bytes
 from fedrpc.registry import DEVICE, ORG, ORG_OR_DEVICE, rpc_method
 from fedrpc.storage import StoredObject
 from schemas.models import Model
@@ -85,10 +85,10 @@ async def update(ctx: Context, p: UpdateParams) -> UpdateResult:
         try:
             old, state = await _write_state(ctx, p, stored)
         except BaseException:
-            await discard(ctx, [stored.key] if stored else [])
+            await ctx.storage.delete_quietly([stored.key] if stored else [])
             raise
     if old is not None and old.weights_key not in (None, state.weights_key):
-        await discard(ctx, [old.weights_key])
+        await ctx.storage.delete_quietly([old.weights_key])
     return UpdateResult(created=old is None, state=state)
 
 

@@ -26,7 +26,7 @@ from fedrpc.fl.tensors import (
     decode_state_dict,
     manifest_from_json,
 )
-from fedrpc.payloads import discard, payload_bytes
+from fedrpc.payloads import payload_bytes
 from fedrpc.registry import DEVICE, rpc_method
 from schemas.training.weights import Update, UploadParams
 
@@ -171,5 +171,5 @@ async def _store(ctx: Context, p: UploadParams, data: bytes) -> Update:
             _refuse_closed(await _find_target(ctx, p))
         return row
     except BaseException:
-        await discard(ctx, [stored.key])
+        await ctx.storage.delete_quietly([stored.key])
         raise
