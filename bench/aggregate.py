@@ -358,13 +358,13 @@ E2E_GOAL = 2.0
 PARALLEL_READS = 4
 #: Pieces of one aggregation, timed around the server's own functions (Probe).
 PIECES = [
-    ("compute", "update loop and kernel, in a worker thread (_compute, wall)"),
+    ("compute", "update loop and kernel, in a worker thread (compute, wall)"),
     ("fetch", "- update GETs (Storage.get_blocking; on prefetch threads)"),
     ("check", "- sha256 + decode + check + flatten (on prefetch threads)"),
     ("kernel", "- FedAvg kernel (add + finish)"),
     ("stream", "- update loop, wall (aggregate_streaming)"),
-    ("artifacts", "new version's bytes, in a worker thread (_artifacts, wall)"),
-    ("onnx", "- ONNX + program re-export (export_version)"),
+    ("artifacts", "new version's bytes, in a worker thread (new_version_artifacts, wall)"),
+    ("onnx", "- ONNX + program (export_version: filled in or re-exported)"),
     ("encode", "- encode safetensors + torch"),
     ("publish", "object writes + version transaction (publish_version, wall)"),
     ("put", "- 4 object PUTs, each with its sha256"),
@@ -378,7 +378,9 @@ def _probe(stack):
     from _e2e_setup import Probe
 
     import fedrpc.aggregation as agg
+    import fedrpc.aggregation_compute as agg_compute
     import fedrpc.fl.aggregate as fl_agg
+    import fedrpc.version_artifacts as artifacts
     import methods.training
     from fedrpc.db import Database
     from fedrpc.storage import Storage
@@ -387,15 +389,15 @@ def _probe(stack):
     probe.wrap(Storage, "get_blocking", "fetch")
     probe.wrap(Storage, "get", "base")
     probe.wrap(Storage, "put", "put")
-    probe.wrap(agg, "_checked_vector", "check")
+    probe.wrap(agg_compute, "checked_vector", "check")
     probe.wrap_class(fl_agg, "FedAvgAccumulator", {"add": "kernel", "finish": "kernel"})
-    probe.wrap(agg, "aggregate_streaming", "stream")
-    probe.wrap(agg, "export_version", "onnx")
-    probe.wrap(agg, "_compute", "compute")
-    probe.wrap(agg, "_artifacts", "artifacts")
+    probe.wrap(agg_compute, "aggregate_streaming", "stream")
+    probe.wrap(artifacts, "export_version", "onnx")
+    probe.wrap(agg, "compute", "compute")
+    probe.wrap(agg, "new_version_artifacts", "artifacts")
     probe.wrap(agg, "publish_version", "publish")
-    probe.wrap(agg, "encode_safetensors", "encode")
-    probe.wrap(agg, "encode_torch", "encode")
+    probe.wrap(artifacts, "encode_safetensors", "encode")
+    probe.wrap(artifacts, "encode_torch", "encode")
     probe.wrap(Database, "_rows", "db")
     probe.wrap(Database, "run", "db")
     probe.wrap(methods.training, "aggregate_round", "server")
@@ -562,7 +564,7 @@ def _e2e_report(results: dict[int, list[dict[str, float]]], elapsed: float) -> s
             "(ratios per round, then the median). The pieces are wall times around the server's "
             "own functions, summed over calls; a row starting with - is part of the wall time "
             "above it, and the pieces on prefetch threads run beside the kernel (up to "
-            "fedrpc.aggregation.MAX_PREFETCH at a time), so they add up to more than the loop's "
+            "fedrpc.aggregation_compute.MAX_PREFETCH at a time), so they add up to more than the loop's "
             "wall time. The ONNX re-export "
             "(torch.export + torch.onnx.export + an onnxruntime check) is a fixed cost per "
             "version, independent of the number of updates, and the ratios are given with and "

@@ -2,33 +2,27 @@
 
 The round is claimed in Postgres (running -> aggregating, with a lease) so two
 callers cannot both aggregate it and a crashed worker's round is taken over.
-Updates are streamed from S3 for the FedAvg family (a few fetched and
-checked ahead on helper threads), or spilled to memory-mapped files for the
-robust strategies, which read coordinate chunks. The new version's objects
-are written first, then one transaction charges the privacy ledger, stores
-the version and completes the round; any failure leaves no version row and
-no object behind.
+The update loop runs in a worker thread (:mod:`fedrpc.aggregation_compute`),
+so do the new version's bytes (:mod:`fedrpc.version_artifacts`). The new
+version's objects are written first, then one transaction charges the
+privacy ledger, stores the version and completes the round; any failure
+leaves no version row and no object behind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import logging
 import secrets
-import tempfile
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from fedrpc.aggregation_compute import RoundFailed, UpdateRow, compute
 from fedrpc.db import Database
 from fedrpc.errors import (
-    AppError,
     BadRequest,
     Conflict,
     NotFound,
@@ -36,48 +30,19 @@ from fedrpc.errors import (
     PrivacyBudgetExhausted,
 )
 from fedrpc.fl import InvalidInput
-from fedrpc.fl.aggregate import (
-    ROBUST,
-    Outcome,
-    aggregate_robust,
-    aggregate_streaming,
-    check_strategy,
-)
-from fedrpc.fl.artifacts import export_version
+from fedrpc.fl.aggregate import check_strategy
 from fedrpc.fl.metrics import weighted_means
 from fedrpc.fl.privacy import RoundCharge
-from fedrpc.fl.tensors import (
-    check_finite,
-    check_matches,
-    decode_state_dict,
-    encode_safetensors,
-    encode_torch,
-    flatten,
-    manifest_from_json,
-    unflatten,
-)
+from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, manifest_from_json
 from fedrpc.privacy_ledger import DEFAULT_DELTA, charge_round, price
 from fedrpc.storage import Storage
+from fedrpc.version_artifacts import new_version_artifacts
 from fedrpc.versions import publish_version
 from schemas.models.versions import ModelVersion
 from schemas.training import Round
 
 log = logging.getLogger("fedrpc.aggregation")
 LEASE_SECONDS = 600
-MEMORY_BUDGET_BYTES = 256 << 20
-# At most this many updates are fetched and checked ahead of the one being aggregated
-# (measured with 1M parameters: 2 -> 4 cut the update loop by about 10%, 6 gave nothing more).
-MAX_PREFETCH = 4
-
-
-class UpdateRow(msgspec.Struct):
-    id: str
-    device_id: str
-    object_key: str
-    sha256: str
-    sample_count: int
-    encoding: str
-    metrics: dict[str, Any]
 
 
 class BaseArtifacts(msgspec.Struct):
@@ -85,6 +50,8 @@ class BaseArtifacts(msgspec.Struct):
     input_shape: list[int | None]
     weights_key: str
     program_key: str
+    program_sha256: str
+    onnx_key: str
 
 
 class StateRow(msgspec.Struct):
@@ -92,126 +59,6 @@ class StateRow(msgspec.Struct):
     version: int
     object_key: str
     sha256: str
-
-
-class RoundFailed(AppError):
-    """Aggregation cannot succeed for this round; it is marked failed with this reason."""
-
-    type, code = "precondition_failed", PreconditionFailed.code
-
-
-def _read_updates(
-    storage: Storage, rows: list[UpdateRow], manifest
-) -> Iterator[tuple[np.ndarray, int]]:
-    """Each update as a flat float32 vector with its sample count, in row order.
-
-    The next few updates are fetched and checked on helper threads while the
-    caller adds the current one: the loop waits on S3 and on sha256 far more
-    than on the kernel, and both release the GIL. Updates in flight stay
-    within MEMORY_BUDGET_BYTES (at least one ahead); the first failing update
-    in row order raises, as without prefetching.
-    """
-    # An update in flight holds its raw bytes (up to 8 per value) and its float32 vector.
-    per_update = 12 * sum(spec.size for spec in manifest)
-    depth = max(1, min(MAX_PREFETCH, MEMORY_BUDGET_BYTES // max(per_update, 1)))
-
-    def load(row: UpdateRow) -> np.ndarray:
-        return _checked_vector(storage.get_blocking(row.object_key), row, manifest)
-
-    with ThreadPoolExecutor(depth, thread_name_prefix="fedrpc-prefetch") as pool:
-        pending: deque[tuple[Future[np.ndarray], int]] = deque()
-        try:
-            for row in rows:
-                pending.append((pool.submit(load, row), row.sample_count))
-                if len(pending) > depth:
-                    future, samples = pending.popleft()
-                    yield future.result(), samples
-            while pending:
-                future, samples = pending.popleft()
-                yield future.result(), samples
-        finally:
-            for future, _ in pending:  # stopped early: drop what has not started
-                future.cancel()
-
-
-def _checked_vector(data: bytes, row: UpdateRow, manifest) -> np.ndarray:
-    """The update's flat float32 vector once its bytes, tensors and values pass every check."""
-    if hashlib.sha256(data).hexdigest() != row.sha256:
-        raise RoundFailed(f"update {row.id} changed in storage since it was accepted")
-    try:
-        state = decode_state_dict(data, row.encoding, field=f"update {row.id}")
-        check_matches(state, manifest)
-        check_finite(state)
-    except InvalidInput as exc:
-        raise RoundFailed(f"update {row.id} is unusable: {exc}") from None
-    return flatten(state, manifest)
-
-
-def _compute(
-    storage: Storage,
-    rnd: Round,
-    strategy: str,
-    params: dict,
-    rows: list[UpdateRow],
-    manifest,
-    base_bytes: bytes,
-    server_state: dict[str, np.ndarray],
-) -> tuple[Outcome, dict[str, np.ndarray]]:
-    """The aggregate and the new state dict; CPU and blocking I/O, so it runs in a worker thread."""
-    base_state = decode_state_dict(base_bytes, "safetensors", field="base weights")
-    base = flatten(base_state, manifest)
-    updates = _read_updates(storage, rows, manifest)
-    if strategy in ROBUST:
-        with tempfile.TemporaryDirectory(prefix="fedrpc-agg-") as spill:
-            sources = []
-            for i, (vector, _) in enumerate(updates):
-                path = Path(spill) / f"{i}.f32"
-                vector.tofile(path)
-                sources.append(np.memmap(path, dtype=np.float32, mode="r", shape=vector.shape))
-            outcome = aggregate_robust(
-                strategy,
-                params,
-                base,
-                sources,
-                [r.sample_count for r in rows],
-                update_format=rnd.update_format,
-                memory_budget_bytes=MEMORY_BUDGET_BYTES,
-            )
-    else:
-        dp = (
-            (rnd.dp_config["noise_multiplier"], rnd.dp_config["clipping_norm"])
-            if rnd.dp_config
-            else None
-        )
-        # DP noise must be unpredictable: the generator is seeded from the OS's cryptographic source.
-        rng = np.random.default_rng(secrets.randbits(128))
-        outcome = aggregate_streaming(
-            strategy,
-            params,
-            base,
-            updates,
-            update_format=rnd.update_format,
-            server_state=server_state,
-            dp=dp,
-            rng=rng,
-        )
-    new_state = unflatten(outcome.vector, manifest, base_state)
-    try:
-        check_finite(new_state)
-    except InvalidInput:
-        raise RoundFailed("the aggregate holds NaN or infinite values") from None
-    return outcome, new_state
-
-
-def _artifacts(program_bytes: bytes, new_state: dict[str, np.ndarray]) -> dict[str, bytes]:
-    """The new version's four objects (worker thread: the ONNX re-export takes seconds)."""
-    program, onnx = export_version(program_bytes, new_state)
-    return {
-        "safetensors": encode_safetensors(new_state),
-        "torch": encode_torch(new_state),
-        "onnx": onnx,
-        "program": program,
-    }
 
 
 async def _claim(db: Database, round_id: str) -> None:
@@ -335,9 +182,16 @@ async def _aggregate_claimed(
     )
     server_state = await _server_state(db, storage, rnd.model_id, strategy)
     outcome, new_state = await asyncio.to_thread(
-        _compute, storage, rnd, strategy, params, rows, manifest, base_bytes, server_state
+        compute, storage, rnd, strategy, params, rows, manifest, base_bytes, server_state
     )
-    artifacts = await asyncio.to_thread(_artifacts, program_bytes, new_state)
+    artifacts = await asyncio.to_thread(
+        new_version_artifacts,
+        program_bytes,
+        base.program_sha256,
+        functools.partial(storage.get_blocking, base.onnx_key),
+        manifest,
+        new_state,
+    )
     metrics = {**weighted_means([(r.metrics, r.sample_count) for r in rows]), **outcome.metrics}
     state_object = None
     if outcome.server_state:

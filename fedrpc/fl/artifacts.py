@@ -4,13 +4,13 @@ A model version is a state dict, an ONNX graph for the devices and, with the
 base version, a ``torch.export`` program that an org admin supplies. The
 server has no model code: it makes each new version's ONNX by loading the
 program, swapping in the new state dict and exporting again (the recipe in
-``docs/model-artifacts.md``). Swapping ONNX initializers by name is not used
-because exporters fold and rename tensors (BatchNorm statistics, for one).
+``docs/model-artifacts.md``), or, faster, by filling the new values into the
+base graph where that graph provably takes them (:mod:`fedrpc.fl.reweight`).
 
 Both functions are synchronous and CPU bound; the server runs them with
-``asyncio.to_thread``. They keep no state between calls and do not change
-torch's process-wide thread count (export time is Python-bound: 1 and 2
-threads measured the same).
+``asyncio.to_thread``. They keep no state between calls (the caller keeps
+ONNX templates) and do not change torch's process-wide thread count (export
+time is Python-bound: 1 and 2 threads measured the same).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from fedrpc.fl._dtypes import SUPPORTED_DTYPES, quote_name
 from fedrpc.fl._errors import InvalidInput
 from fedrpc.fl.onnx_models import OnnxModel, load_onnx, rename_batch_dim
 from fedrpc.fl.program_archive import load_program, save_program
+from fedrpc.fl.reweight import fill_template, make_onnx_template, reweight_program
 from fedrpc.fl.tensor_codecs import decode_state_dict, to_torch_state
 from fedrpc.fl.tensors import TensorSpec, check_finite, check_matches
 
-__all__ = ["BundleInfo", "export_version", "validate_bundle"]
+__all__ = ["BundleInfo", "ExportedVersion", "export_version", "validate_bundle"]
 
 #: Relative tolerance of every ONNX-vs-torch comparison: |diff| <= RTOL * max(1, max|out|).
 RTOL = 1e-4
@@ -205,24 +206,44 @@ def validate_bundle(
     return BundleInfo(manifest, onnx.input_shape, onnx.input_name, diff)
 
 
+@dataclass(frozen=True, slots=True)
+class ExportedVersion:
+    """A new version's program and ONNX model, and how the ONNX model was made.
+
+    ``route`` is ``"filled"`` when the new values went into the template's
+    graph, ``"exported"`` after a full re-export. ``onnx_template`` is the
+    template to keep for the next version made from the same base program
+    (:func:`fedrpc.fl.reweight.make_onnx_template` of the result), or ``None``.
+    """
+
+    program: bytes
+    onnx: bytes
+    route: str
+    onnx_template: bytes | None
+
+
 def export_version(
     program_bytes: bytes,
     new_state: Mapping[str, np.ndarray],
+    *,
+    onnx_template: bytes | None = None,
     batch_sizes: Sequence[int] = (5, 7),
-) -> tuple[bytes, bytes]:
+) -> ExportedVersion:
     """Make a new version's program and ONNX model from the base program.
 
+    With an ``onnx_template`` (the base graph, see
+    :func:`fedrpc.fl.reweight.make_onnx_template`) the new values are filled into
+    it and into the base program. Otherwise, or when that graph then
+    disagrees with the program, the ONNX model is exported again:
     ``torch.export.load`` -> ``.module()`` -> ``load_state_dict(new,
     strict=True)`` -> ``torch.export.export`` with a dynamic batch dimension
     (example batch ``batch_sizes[0]``) -> ``torch.onnx.export(dynamo=True,
-    external_data=False)``. The result is checked before it is returned:
-    onnxruntime and the re-exported program agree on a fixed pseudo-random
+    optimize=False, external_data=False)``. Without the exporter's constant
+    folding every tensor stays an initializer under its own name, so the
+    result is itself a template for the next version (onnxruntime folds at
+    load time anyway). Either way the result is checked before it is
+    returned: onnxruntime and the program agree on a fixed pseudo-random
     input at every size in ``batch_sizes``.
-
-    Returns
-    -------
-    (program_bytes, onnx_bytes)
-        The new ``torch.export.save`` archive and the ONNX model.
 
     Raises
     ------
@@ -244,19 +265,39 @@ def export_version(
         manifest = _program_manifest(module)
         check_matches(new_state, manifest)
         check_finite(new_state)
-        module.load_state_dict(to_torch_state(new_state), strict=True)
+        torch_state = to_torch_state(new_state)
+    if onnx_template is not None:
+        reweight_program(program, torch_state)
+        with _Quiet():
+            module = program.module()
+        onnx_bytes = fill_template(onnx_template, torch_state)
+        if _agrees(module, onnx_bytes, shape, batch_sizes):
+            return ExportedVersion(save_program(program), onnx_bytes, "filled", onnx_template)
+    with _Quiet():
+        module.load_state_dict(torch_state, strict=True)
         example = torch.zeros((batch_sizes[0], *shape[1:]), dtype=getattr(torch, dtype))
         batch = torch.export.Dim("batch", min=1)
         exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
-        onnx_program = torch.onnx.export(exported, dynamo=True, external_data=False, verbose=False)
+        onnx_program = torch.onnx.export(
+            exported, dynamo=True, optimize=False, external_data=False, verbose=False
+        )
     onnx_bytes = rename_batch_dim(onnx_program.model_proto).SerializeToString()
-    new_program_bytes = save_program(exported)
+    if not _agrees(module, onnx_bytes, shape, batch_sizes):
+        raise RuntimeError("the re-exported ONNX model disagrees with the program")
+    return ExportedVersion(
+        save_program(exported), onnx_bytes, "exported", make_onnx_template(onnx_bytes, manifest)
+    )
 
-    onnx = load_onnx(onnx_bytes)
+
+def _agrees(
+    module: Any, onnx_bytes: bytes, shape: tuple[int | None, ...], batch_sizes: Sequence[int]
+) -> bool:
+    """Whether onnxruntime and ``module`` agree within RTOL at every batch size."""
     rng = np.random.default_rng(0)  # a local, fixed stream: the check must be reproducible
-    for b in batch_sizes:
-        try:
+    try:
+        onnx = load_onnx(onnx_bytes)
+        for b in batch_sizes:
             _max_abs_diff(module, onnx, (b, *shape[1:]), rng)
-        except InvalidInput as exc:
-            raise RuntimeError(f"re-exported ONNX model failed its check: {exc}") from exc
-    return new_program_bytes, onnx_bytes
+    except InvalidInput:
+        return False
+    return True

@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from fedrpc.fl import InvalidInput
 from fedrpc.fl.artifacts import export_version, validate_bundle
+from fedrpc.fl.reweight import make_onnx_template
 from fedrpc.fl.tensors import encode_safetensors, encode_torch, manifest_of
 from tests.kernels.nets import make_net, numpy_state, onnx_bytes, program_bytes
 
@@ -224,21 +225,90 @@ def _reference_close(net: torch.nn.Module, onnx_data: bytes, batch: int, rng) ->
     return float(np.abs(actual - expected).max()) / max(1.0, float(np.abs(expected).max()))
 
 
+def _assert_is_the_net(exported, new_net: torch.nn.Module) -> None:
+    """The ONNX model passes the checker and computes ``new_net``; the program is a valid bundle."""
+    onnx.checker.check_model(onnx.load_model_from_string(exported.onnx), full_check=True)
+    rng = np.random.default_rng(5)
+    for batch in (5, 7):
+        assert _reference_close(new_net, exported.onnx, batch, rng) <= 1e-4
+    state_bytes = encode_safetensors(numpy_state(new_net))
+    info = validate(state_bytes, exported.onnx, exported.program)  # a version is a bundle too
+    assert info.input_shape == (None, *new_net.input_shape)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_version_reproduces_the_net_with_new_weights(bundles, kind):
     new_net = make_net(kind, seed=2)  # eval mode, BatchNorm statistics random too
-    new_state = numpy_state(new_net)
 
     # The server calls export_version from a worker thread (asyncio.to_thread).
     with ThreadPoolExecutor(1) as pool:
-        program, onnx_data = pool.submit(export_version, bundles[kind].program, new_state).result()
+        exported = pool.submit(export_version, bundles[kind].program, numpy_state(new_net)).result()
 
-    onnx.checker.check_model(onnx.load_model_from_string(onnx_data), full_check=True)
-    rng = np.random.default_rng(5)
-    for batch in (5, 7):
-        assert _reference_close(new_net, onnx_data, batch, rng) <= 1e-4
-    info = validate(encode_safetensors(new_state), onnx_data, program)  # a version is a bundle too
-    assert info.input_shape == (None, *new_net.input_shape)
+    assert exported.route == "exported"
+    _assert_is_the_net(exported, new_net)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_re_exported_graph_takes_the_next_version_by_filling_in_values(bundles, kind):
+    first = export_version(bundles[kind].program, numpy_state(make_net(kind, seed=2)))
+    next_net = make_net(kind, seed=3)
+
+    exported = export_version(
+        first.program, numpy_state(next_net), onnx_template=first.onnx_template
+    )
+
+    assert first.onnx_template is not None
+    emptied = onnx.load_model_from_string(first.onnx_template).graph.initializer
+    assert not any(i.raw_data for i in emptied if i.name in next_net.state_dict())
+    assert exported.route == "filled"
+    _assert_is_the_net(exported, next_net)
+
+
+def test_an_uploaded_graph_that_keeps_its_tensors_is_a_template(bundles):
+    b = bundles["mlp"]
+    next_net = make_net("mlp", seed=3)
+
+    template = make_onnx_template(b.onnx, manifest_of(b.state))
+    exported = export_version(b.program, numpy_state(next_net), onnx_template=template)
+
+    assert exported.route == "filled"
+    _assert_is_the_net(exported, next_net)
+
+
+def test_an_uploaded_graph_with_folded_batchnorm_is_no_template(bundles):
+    b = bundles["convbn"]
+
+    assert make_onnx_template(b.onnx, manifest_of(b.state)) is None
+
+
+def test_a_template_with_a_tensor_of_another_shape_is_refused(bundles):
+    b = bundles["mlp"]
+    state = dict(b.state, **{"fc2.bias": np.zeros(4, np.float32)})
+
+    assert make_onnx_template(b.onnx, manifest_of(state)) is None
+
+
+def test_a_template_that_computes_with_a_stale_copy_falls_back_to_a_full_export(bundles):
+    # The graph still holds fc1.weight under its name, but computes with a folded
+    # copy of the base values: the names pass, the output check must not.
+    b = bundles["mlp"]
+
+    def compute_with_a_stale_copy(model):
+        weight = next(i for i in model.graph.initializer if i.name == "fc1.weight")
+        stale = numpy_helper.from_array(numpy_helper.to_array(weight), "fc1.weight.folded")
+        model.graph.initializer.append(stale)
+        for node in model.graph.node:
+            node.input[:] = ["fc1.weight.folded" if i == "fc1.weight" else i for i in node.input]
+
+    folded = edit_onnx(b.onnx, compute_with_a_stale_copy)
+    template = make_onnx_template(folded, manifest_of(b.state))
+    next_net = make_net("mlp", seed=3)
+
+    exported = export_version(b.program, numpy_state(next_net), onnx_template=template)
+
+    assert template is not None
+    assert exported.route == "exported"
+    _assert_is_the_net(exported, next_net)
 
 
 def test_export_version_refuses_a_state_that_does_not_fit_the_program(bundles):

@@ -16,6 +16,7 @@ from minio import Minio
 
 from fedrpc.rpc import SERVICES
 from fedrpc.tasks import aggregate_due_rounds
+from fedrpc.version_artifacts import TEMPLATES
 from tests.conftest import register_device
 from tests.kernels.nets import NETS
 from tests.methods.conftest import b64, inline
@@ -45,18 +46,25 @@ async def run_round(
     bundle_net,
     *,
     n=3,
+    base_version=1,
+    seed=100,
     fmt="weights",
     strategy=None,
     samples=None,
     extra=None,
     bystanders=0,
+    tokens=None,
 ) -> tuple[dict, list[dict[str, np.ndarray]], list[int]]:
-    """A running round of n selected devices that have all uploaded (bystanders are eligible too)."""
+    """A running round of n selected devices that have all uploaded (bystanders are eligible too).
+
+    ``tokens`` collects the device tokens of the org's earlier rounds: they are eligible again.
+    """
     registered = [await register_device(client, org.token) for _ in range(n + bystanders)]
-    tokens = {d["device_id"]: d["token"] for d in registered}
+    tokens = {} if tokens is None else tokens
+    tokens.update({d["device_id"]: d["token"] for d in registered})
     params = {
         "model_id": model["id"],
-        "base_version": 1,
+        "base_version": base_version,
         "target_device_count": n,
         "min_updates": 1,
         "update_format": fmt,
@@ -73,14 +81,14 @@ async def run_round(
     base = base_state(bundle_net)
     states, counts = [], samples or [10 * (i + 1) for i in range(n)]
     for i, device in enumerate(devices):
-        state = client_state(base, seed=100 + i, fmt=fmt)
+        state = client_state(base, seed=seed + i, fmt=fmt)
         states.append(state)
         await client.ok(
             "training.weights.upload",
             {
                 "round_id": rnd["id"],
                 "model_id": model["id"],
-                "version": 1,
+                "version": base_version,
                 "sample_count": counts[i],
                 "update_format": fmt,
                 "weights": {"data": b64(safetensors.numpy.save(state))},
@@ -147,22 +155,35 @@ async def test_fedavg_matches_a_float64_reference_and_completes_the_round(
 
 
 async def test_new_onnx_runs_like_the_real_network_with_the_new_weights(client, org, convbn_bundle):
+    # Three versions: re-exported from an uploaded graph whose BatchNorm is folded, filled into
+    # the kept template of that base, and filled into the server's own graph of version 2.
+    TEMPLATES.clear()
     net, bundle = convbn_bundle
     model = await client.ok("models.create", {"name": "convbn"}, org.token)
     await client.ok(
         "models.versions.create", {"model_id": model["id"], **inline(bundle)}, org.token
     )
-    rnd, _, _ = await run_round(client, org, model, net)
-    await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
-    blobs = await download(client, org.token, model["id"], 2)
-    fresh = NETS["convbn"]().eval()
-    fresh.load_state_dict(torch.load(io.BytesIO(blobs["torch"]), weights_only=True), strict=True)
-    session = ort.InferenceSession(blobs["onnx"], providers=["CPUExecutionProvider"])
-    for batch in (5, 7):
-        x = np.random.default_rng(batch).normal(size=(batch, *fresh.input_shape)).astype(np.float32)
-        want = fresh(torch.from_numpy(x)).detach().numpy()
-        got = session.run(None, {session.get_inputs()[0].name: x})[0]
-        assert np.max(np.abs(got - want)) <= 1e-4 * max(1.0, float(np.max(np.abs(want))))
+    tokens: dict[str, str] = {}
+    for base_version, seed in [(1, 100), (1, 200), (2, 300)]:
+        # Every round's devices train from the weights of its base version.
+        base_net = NETS["convbn"]().eval()
+        base_blobs = await download(client, org.token, model["id"], base_version)
+        base_net.load_state_dict(torch.load(io.BytesIO(base_blobs["torch"]), weights_only=True))
+        rnd, _, _ = await run_round(
+            client, org, model, base_net, base_version=base_version, seed=seed, tokens=tokens
+        )
+        version = await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
+        blobs = await download(client, org.token, model["id"], version["version"])
+        fresh = NETS["convbn"]().eval()
+        fresh.load_state_dict(torch.load(io.BytesIO(blobs["torch"]), weights_only=True))
+        session = ort.InferenceSession(blobs["onnx"], providers=["CPUExecutionProvider"])
+        for batch in (5, 7):
+            x = np.random.default_rng(batch).normal(size=(batch, *fresh.input_shape))
+            x = x.astype(np.float32)
+            want = fresh(torch.from_numpy(x)).detach().numpy()
+            got = session.run(None, {session.get_inputs()[0].name: x})[0]
+            assert np.max(np.abs(got - want)) <= 1e-4 * max(1.0, float(np.max(np.abs(want))))
+    assert len(TEMPLATES) == 2  # one per base program: versions 1 and 2
 
 
 async def test_fedmedian_takes_the_coordinate_median(client, org, mlp_model, mlp_bundle):

@@ -32,13 +32,14 @@ SELECT id, device_id, object_key, sha256, sample_count, encoding, metrics
 FROM training_updates WHERE round_id = %(round_id)s ORDER BY received_at, id;
 
 -- name: find_base_artifacts
--- The base version's manifest and the keys of its weights and program.
-SELECT v.manifest, v.input_shape,
-       (SELECT object_key FROM model_artifacts
-        WHERE model_id = v.model_id AND version = v.version AND kind = 'safetensors') AS weights_key,
-       (SELECT object_key FROM model_artifacts
-        WHERE model_id = v.model_id AND version = v.version AND kind = 'program') AS program_key
-FROM model_versions AS v WHERE v.model_id = %(model_id)s AND v.version = %(version)s;
+-- The base version's manifest and the keys of its weights, program and ONNX model.
+SELECT v.manifest, v.input_shape, w.object_key AS weights_key, p.object_key AS program_key,
+       p.sha256 AS program_sha256, o.object_key AS onnx_key
+FROM model_versions AS v
+JOIN model_artifacts AS w ON w.model_id = v.model_id AND w.version = v.version AND w.kind = 'safetensors'
+JOIN model_artifacts AS p ON p.model_id = v.model_id AND p.version = v.version AND p.kind = 'program'
+JOIN model_artifacts AS o ON o.model_id = v.model_id AND o.version = v.version AND o.kind = 'onnx'
+WHERE v.model_id = %(model_id)s AND v.version = %(version)s;
 
 -- name: find_server_state
 -- The model's server optimiser state, if any.

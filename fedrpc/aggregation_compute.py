@@ -1,0 +1,158 @@
+"""The update loop of an aggregation: updates in from S3, the aggregate out.
+
+Blocking I/O and CPU work for a worker thread. Updates are streamed for the
+FedAvg family (a few fetched and checked ahead on helper threads), or
+spilled to memory-mapped files for the robust strategies, which read
+coordinate chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import tempfile
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from fedrpc.errors import AppError, PreconditionFailed
+from fedrpc.fl import InvalidInput
+from fedrpc.fl.aggregate import ROBUST, Outcome, aggregate_robust, aggregate_streaming
+from fedrpc.fl.tensors import (
+    check_finite,
+    check_matches,
+    decode_state_dict,
+    flatten,
+    unflatten,
+)
+from fedrpc.storage import Storage
+from schemas.training import Round
+
+MEMORY_BUDGET_BYTES = 256 << 20
+# At most this many updates are fetched and checked ahead of the one being aggregated
+# (measured with 1M parameters: 2 -> 4 cut the update loop by about 10%, 6 gave nothing more).
+MAX_PREFETCH = 4
+
+
+class UpdateRow(msgspec.Struct):
+    id: str
+    device_id: str
+    object_key: str
+    sha256: str
+    sample_count: int
+    encoding: str
+    metrics: dict[str, Any]
+
+
+class RoundFailed(AppError):
+    """Aggregation cannot succeed for this round; it is marked failed with this reason."""
+
+    type, code = "precondition_failed", PreconditionFailed.code
+
+
+def read_updates(
+    storage: Storage, rows: list[UpdateRow], manifest
+) -> Iterator[tuple[np.ndarray, int]]:
+    """Each update as a flat float32 vector with its sample count, in row order.
+
+    The next few updates are fetched and checked on helper threads while the
+    caller adds the current one: the loop waits on S3 and on sha256 far more
+    than on the kernel, and both release the GIL. Updates in flight stay
+    within MEMORY_BUDGET_BYTES (at least one ahead); the first failing update
+    in row order raises, as without prefetching.
+    """
+    # An update in flight holds its raw bytes (up to 8 per value) and its float32 vector.
+    per_update = 12 * sum(spec.size for spec in manifest)
+    depth = max(1, min(MAX_PREFETCH, MEMORY_BUDGET_BYTES // max(per_update, 1)))
+
+    def load(row: UpdateRow) -> np.ndarray:
+        return checked_vector(storage.get_blocking(row.object_key), row, manifest)
+
+    with ThreadPoolExecutor(depth, thread_name_prefix="fedrpc-prefetch") as pool:
+        pending: deque[tuple[Future[np.ndarray], int]] = deque()
+        try:
+            for row in rows:
+                pending.append((pool.submit(load, row), row.sample_count))
+                if len(pending) > depth:
+                    future, samples = pending.popleft()
+                    yield future.result(), samples
+            while pending:
+                future, samples = pending.popleft()
+                yield future.result(), samples
+        finally:
+            for future, _ in pending:  # stopped early: drop what has not started
+                future.cancel()
+
+
+def checked_vector(data: bytes, row: UpdateRow, manifest) -> np.ndarray:
+    """The update's flat float32 vector once its bytes, tensors and values pass every check."""
+    if hashlib.sha256(data).hexdigest() != row.sha256:
+        raise RoundFailed(f"update {row.id} changed in storage since it was accepted")
+    try:
+        state = decode_state_dict(data, row.encoding, field=f"update {row.id}")
+        check_matches(state, manifest)
+        check_finite(state)
+    except InvalidInput as exc:
+        raise RoundFailed(f"update {row.id} is unusable: {exc}") from None
+    return flatten(state, manifest)
+
+
+def compute(
+    storage: Storage,
+    rnd: Round,
+    strategy: str,
+    params: dict,
+    rows: list[UpdateRow],
+    manifest,
+    base_bytes: bytes,
+    server_state: dict[str, np.ndarray],
+) -> tuple[Outcome, dict[str, np.ndarray]]:
+    """The aggregate and the new state dict; CPU and blocking I/O, so it runs in a worker thread."""
+    base_state = decode_state_dict(base_bytes, "safetensors", field="base weights")
+    base = flatten(base_state, manifest)
+    updates = read_updates(storage, rows, manifest)
+    if strategy in ROBUST:
+        with tempfile.TemporaryDirectory(prefix="fedrpc-agg-") as spill:
+            sources = []
+            for i, (vector, _) in enumerate(updates):
+                path = Path(spill) / f"{i}.f32"
+                vector.tofile(path)
+                sources.append(np.memmap(path, dtype=np.float32, mode="r", shape=vector.shape))
+            outcome = aggregate_robust(
+                strategy,
+                params,
+                base,
+                sources,
+                [r.sample_count for r in rows],
+                update_format=rnd.update_format,
+                memory_budget_bytes=MEMORY_BUDGET_BYTES,
+            )
+    else:
+        dp = (
+            (rnd.dp_config["noise_multiplier"], rnd.dp_config["clipping_norm"])
+            if rnd.dp_config
+            else None
+        )
+        # DP noise must be unpredictable: the generator is seeded from the OS's cryptographic source.
+        rng = np.random.default_rng(secrets.randbits(128))
+        outcome = aggregate_streaming(
+            strategy,
+            params,
+            base,
+            updates,
+            update_format=rnd.update_format,
+            server_state=server_state,
+            dp=dp,
+            rng=rng,
+        )
+    new_state = unflatten(outcome.vector, manifest, base_state)
+    try:
+        check_finite(new_state)
+    except InvalidInput:
+        raise RoundFailed("the aggregate holds NaN or infinite values") from None
+    return outcome, new_state
