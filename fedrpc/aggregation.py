@@ -36,7 +36,7 @@ from fedrpc.fl.privacy import RoundCharge
 from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, manifest_from_json
 from fedrpc.privacy_ledger import DEFAULT_DELTA, charge_round, price
 from fedrpc.storage import Storage
-from fedrpc.version_artifacts import new_version_artifacts
+from fedrpc.version_artifacts import encode_weights, export_graphs
 from fedrpc.versions import publish_version
 from schemas.models.versions import ModelVersion
 from schemas.training import Round
@@ -152,45 +152,14 @@ async def _aggregate_claimed(
         missing="the base version is gone",
     )
     manifest = manifest_from_json(base.manifest)
-    charge = None
-    if rnd.dp_config is not None:
-        selected = await db.value("training.aggregate.count_round_devices", round_id=rnd.id)
-        charge = RoundCharge(
-            rnd.dp_config["noise_multiplier"],
-            min(1.0, selected / (rnd.eligible_count or selected)),
-            1,
-        )
-        budget = await db.get(
-            "training.aggregate.get_federation_budget", _Budget, federation_id=rnd.federation_id
-        )
-        check = await price(
-            db,
-            rnd.federation_id,
-            charge,
-            delta=budget.total_delta_budget or DEFAULT_DELTA,
-            epsilon_budget=budget.total_epsilon_budget,
-        )
-        if check.exceeds_budget:
-            raise PrivacyBudgetExhausted(
-                "this round would exceed the federation's privacy budget",
-                projected_epsilon=check.projected_epsilon,
-                budget_epsilon=budget.total_epsilon_budget,
-            )
-    base_bytes, program_bytes = (
-        await storage.get(base.weights_key),
-        await storage.get(base.program_key),
+    charge = await _privacy_charge(db, rnd) if rnd.dp_config is not None else None
+    base_bytes, program_bytes, server_state = await asyncio.gather(
+        storage.get(base.weights_key),
+        storage.get(base.program_key),
+        _server_state(db, storage, rnd.model_id, strategy),
     )
-    server_state = await _server_state(db, storage, rnd.model_id, strategy)
     outcome, new_state = await asyncio.to_thread(
         compute, storage, rnd, strategy, params, rows, manifest, base_bytes, server_state
-    )
-    artifacts = await asyncio.to_thread(
-        new_version_artifacts,
-        program_bytes,
-        base.program_sha256,
-        functools.partial(storage.get_blocking, base.onnx_key),
-        manifest,
-        new_state,
     )
     metrics = {**weighted_means([(r.metrics, r.sample_count) for r in rows]), **outcome.metrics}
     state_object = None
@@ -212,12 +181,25 @@ async def _aggregate_claimed(
             )
         await tx.run("training.aggregate.update_round_completed", round_id=rnd.id, version=version)
 
+    # The graphs are made on one worker thread while the weights are encoded on
+    # another and written: their objects do not wait for the ONNX model.
+    graphs = asyncio.ensure_future(
+        asyncio.to_thread(
+            export_graphs,
+            program_bytes,
+            base.program_sha256,
+            functools.partial(storage.get_blocking, base.onnx_key),
+            manifest,
+            new_state,
+        )
+    )
     try:
+        weights = await asyncio.to_thread(encode_weights, new_state)
         return await publish_version(
             db,
             storage,
             rnd.model_id,
-            artifacts,
+            {**weights, "onnx": _part(graphs, "onnx"), "program": _part(graphs, "program")},
             manifest=base.manifest,
             input_shape=base.input_shape,
             parent_version=rnd.base_version,
@@ -229,8 +211,42 @@ async def _aggregate_claimed(
             along_with=along_with,
         )
     except BaseException:
+        await asyncio.gather(
+            graphs, return_exceptions=True
+        )  # never leave the thread's error unread
         await storage.delete_quietly([state_object.key] if state_object else [])
         raise
+
+
+async def _part(graphs: asyncio.Future[dict[str, bytes]], kind: str) -> bytes:
+    return (await graphs)[kind]
+
+
+async def _privacy_charge(db: Database, rnd: Round) -> RoundCharge:
+    """The round's charge to its federation's ledger, refused if it would pass the budget."""
+    selected = await db.value("training.aggregate.count_round_devices", round_id=rnd.id)
+    charge = RoundCharge(
+        rnd.dp_config["noise_multiplier"],
+        min(1.0, selected / (rnd.eligible_count or selected)),
+        1,
+    )
+    budget = await db.get(
+        "training.aggregate.get_federation_budget", _Budget, federation_id=rnd.federation_id
+    )
+    check = await price(
+        db,
+        rnd.federation_id,
+        charge,
+        delta=budget.total_delta_budget or DEFAULT_DELTA,
+        epsilon_budget=budget.total_epsilon_budget,
+    )
+    if check.exceeds_budget:
+        raise PrivacyBudgetExhausted(
+            "this round would exceed the federation's privacy budget",
+            projected_epsilon=check.projected_epsilon,
+            budget_epsilon=budget.total_epsilon_budget,
+        )
+    return charge
 
 
 class _Budget(msgspec.Struct):

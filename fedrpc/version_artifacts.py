@@ -21,7 +21,7 @@ from fedrpc.fl.reweight import make_onnx_template
 from fedrpc.fl.tensor_codecs import encode_safetensors, encode_torch
 from fedrpc.fl.tensors import TensorSpec
 
-__all__ = ["OnnxTemplates", "TEMPLATES", "new_version_artifacts"]
+__all__ = ["TEMPLATES", "OnnxTemplates", "encode_weights", "export_graphs"]
 
 
 class OnnxTemplates:
@@ -57,14 +57,14 @@ class OnnxTemplates:
 TEMPLATES = OnnxTemplates()
 
 
-def new_version_artifacts(
+def export_graphs(
     program_bytes: bytes,
     program_sha256: str,
     read_base_onnx: Callable[[], bytes],
     manifest: list[TensorSpec],
     new_state: dict[str, np.ndarray],
 ) -> dict[str, bytes]:
-    """The new version's four objects (blocking: run it in a worker thread).
+    """The new version's ONNX model and program (blocking: run it in a worker thread).
 
     ``read_base_onnx`` is called only when no template of the base program is
     kept yet.
@@ -75,9 +75,9 @@ def new_version_artifacts(
     exported = export_version(program_bytes, new_state, onnx_template=template)
     if exported.onnx_template is not None:
         TEMPLATES.put(program_sha256, exported.onnx_template)
-    return {
-        "safetensors": encode_safetensors(new_state),
-        "torch": encode_torch(new_state),
-        "onnx": exported.onnx,
-        "program": exported.program,
-    }
+    return {"onnx": exported.onnx, "program": exported.program}
+
+
+def encode_weights(new_state: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """The new version's state dict as safetensors and as a ``torch.save`` file."""
+    return {"safetensors": encode_safetensors(new_state), "torch": encode_torch(new_state)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fedrpc.db import Database, jsonb
@@ -29,11 +29,15 @@ FILENAMES = {
 }
 
 
+async def _put(storage: Storage, key: str, data: bytes | Awaitable[bytes]) -> StoredObject:
+    return await storage.put(key, data if isinstance(data, bytes) else await data)
+
+
 async def publish_version(
     db: Database,
     storage: Storage,
     model_id: str,
-    artifacts: dict[str, bytes],
+    artifacts: Mapping[str, bytes | Awaitable[bytes]],
     *,
     manifest: list[dict[str, Any]],
     input_shape: list[int | None],
@@ -46,13 +50,18 @@ async def publish_version(
     description: str = "",
     along_with: AlongWith | None = None,
 ) -> ModelVersion:
+    """Write a version's objects, then its rows, and return it.
+
+    An artifact may be given as an awaitable of its bytes (made on a worker
+    thread, say): the others are written while it is being made.
+    """
     prefix = f"models/{model_id}/{secrets.token_hex(12)}"
     stored: list[tuple[str, StoredObject]] = []
     try:
         # The objects are written side by side (the S3 server is the bottleneck, not us);
         # every one that made it is recorded so a failure can delete them all.
         puts = [
-            storage.put(f"{prefix}/{FILENAMES[kind]}", data) for kind, data in artifacts.items()
+            _put(storage, f"{prefix}/{FILENAMES[kind]}", data) for kind, data in artifacts.items()
         ]
         results = await asyncio.gather(*puts, return_exceptions=True)
         stored = [

@@ -266,15 +266,13 @@ def export_version(
         check_matches(new_state, manifest)
         check_finite(new_state)
         torch_state = to_torch_state(new_state)
+        module.load_state_dict(torch_state, strict=True)
     if onnx_template is not None:
         reweight_program(program, torch_state)
-        with _Quiet():
-            module = program.module()
         onnx_bytes = fill_template(onnx_template, torch_state)
         if _agrees(module, onnx_bytes, shape, batch_sizes):
             return ExportedVersion(save_program(program), onnx_bytes, "filled", onnx_template)
     with _Quiet():
-        module.load_state_dict(torch_state, strict=True)
         example = torch.zeros((batch_sizes[0], *shape[1:]), dtype=getattr(torch, dtype))
         batch = torch.export.Dim("batch", min=1)
         exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
