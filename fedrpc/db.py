@@ -23,6 +23,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from fedrpc.errors import BadRequest, Conflict, NotFound
+from fedrpc.group_commit import GroupCommit, encode_calls
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 QUERY_DIR = SQL_DIR / "queries"
@@ -90,6 +91,9 @@ def translated_errors() -> Iterator[None]:
         ) from None
     except pg_errors.ForeignKeyViolation:
         raise NotFound("a referenced record does not exist") from None
+    except pg_errors.UntranslatableCharacter:
+        # \u0000 passes JSON decoding but neither text nor jsonb can store it.
+        raise BadRequest("a text value holds a character the server cannot store") from None
     except (
         pg_errors.CheckViolation,
         pg_errors.NumericValueOutOfRange,
@@ -111,6 +115,7 @@ class Database:
         self.pool = pool
         self.queries = queries
         self._conn = conn
+        self._groups: dict[str, GroupCommit] = {}
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Database]:
@@ -162,6 +167,36 @@ class Database:
         """The first column of the first row, or None when there is no row."""
         rows = await self._rows(query, params)
         return next(iter(rows[0].values())) if rows else None
+
+    async def coalesced(
+        self, query: str, type_: type[T], /, *, key: str, **params: Any
+    ) -> T | None:
+        """``maybe`` for a statement that serves many calls at once (group commit).
+
+        The calls of ``query`` made in the same event-loop turn run as one statement. It
+        receives ``%(calls)s``, a JSON array with one object per distinct ``key`` value holding
+        that call's parameters (msgspec-encoded, so ``msgspec.Raw`` passes JSON through), and
+        ``%(keys)s``, those key values as an array (for an index lookup: the planner cannot
+        count the rows of a JSON document). It returns at most one row per key, with the key
+        in its ``key`` column; each caller gets the row of its own key, or None. Two calls
+        with the same key in one turn are merged, a later non-null parameter replacing an
+        earlier one, so the statement must read a null as "keep the stored value". When the
+        statement fails for any reason but a lost connection, every call is retried alone, so
+        an error stays with its call. Inside ``transaction()`` the call runs alone on the
+        transaction's connection.
+        """
+        if self._conn is not None:
+            return await self._alone(query, type_, key, params)
+        group = self._groups.get(query)
+        if group is None:
+            group = self._groups[query] = GroupCommit(self, query, type_, key)
+        return await group.submit(params)
+
+    async def _alone(
+        self, query: str, type_: type[T], key: str, params: dict[str, Any]
+    ) -> T | None:
+        rows = await self.all(query, type_, calls=encode_calls([params]), keys=[params[key]])
+        return rows[0] if rows else None
 
     async def run(self, query: str, /, **params: Any) -> int:
         """Execute a statement; returns the number of rows it touched."""

@@ -104,32 +104,35 @@ async def list_(ctx: Context, p: ListParams) -> ListResult:
 async def sync(ctx: Context, p: SyncParams) -> SyncResult:
     """Heartbeat: store the reported state, mark the device seen, answer what to do next.
 
-    One UPDATE per call (this is the hottest method). Non-finite numbers cannot
-    reach it: the JSON decoder refuses NaN/Infinity literals and out-of-range
-    numbers such as 1e999.
+    This is the hottest method: the heartbeats arriving together share one UPDATE
+    (``Database.coalesced``), each device still getting its own row. Non-finite
+    numbers cannot reach it: the JSON decoder refuses NaN/Infinity literals and
+    out-of-range numbers such as 1e999.
     """
     state = None if p.state is None else _encode(p.state)
     if state is not None and len(state) > STATE_MAX_BYTES:
         raise PayloadTooLarge(
             f"state must be at most {STATE_MAX_BYTES} bytes as JSON", max_bytes=STATE_MAX_BYTES
         )
-    beat = await ctx.db.maybe(
-        "devices.update_device_state",
+    beat = await ctx.db.coalesced(
+        "devices.update_device_states",
         Heartbeat,
+        key="device_id",
         device_id=ctx.device_id,
         battery_pct=p.battery_pct,
         charging=p.charging,
         network_type=p.network_type,
         available_storage_mb=p.available_storage_mb,
         app_version=p.app_version,
-        state=None if state is None else state.decode(),
+        state=None if state is None else msgspec.Raw(state),
     )
     if beat is None:
         raise Forbidden("this device has been revoked")
     expires = ctx.settings.presign_expiry_seconds
     offers = [
         msgspec.convert(
-            {**o, "weights_url": ctx.storage.presigned_get(o.pop("object_key"), expires)},
+            # Not popped: callers merged into one row share its offers (RoundOffer drops the key).
+            {**o, "weights_url": ctx.storage.presigned_get(o["object_key"], expires)},
             RoundOffer,
         )
         for o in beat.round_offers
@@ -143,6 +146,7 @@ async def sync(ctx: Context, p: SyncParams) -> SyncResult:
 
 
 class Heartbeat(msgspec.Struct):
+    device_id: str
     last_seen_at: datetime
     round_offers: list[dict[str, Any]]
     stop_rounds: list[StopRound]

@@ -70,23 +70,28 @@ WHERE d.org_id = %(org_id)s
 -- The organization of each device among the ids (unknown ids have no row).
 SELECT id, org_id FROM devices WHERE id = ANY(%(device_ids)s::text[]);
 
--- name: update_device_state
--- The heartbeat, in one statement: mark the device seen, store what it reported (null keeps the
--- stored value), and read its offers (running rounds it is selected in, before their deadline,
--- with no update from it yet) and stop instructions (its rounds cancelled or failed in the last day).
+-- name: update_device_states
+-- Heartbeats of several devices in one statement (group commit), one JSON object per device.
+-- Each device not revoked is marked seen, keeps what it did not report (null or absent), and
+-- is answered with its offers (running rounds it is selected in, before their deadline, with no
+-- update from it yet) and its stop instructions (its rounds cancelled or failed in the last
+-- day); a revoked or unknown device gets no row. The caller passes each device id once.
 WITH seen AS (
-    UPDATE devices SET
+    UPDATE devices AS d SET
         last_seen_at = now(),
-        battery_pct = coalesce(%(battery_pct)s, battery_pct),
-        charging = coalesce(%(charging)s, charging),
-        network_type = coalesce(%(network_type)s, network_type),
-        available_storage_mb = coalesce(%(available_storage_mb)s, available_storage_mb),
-        app_version = coalesce(%(app_version)s, app_version),
-        reported_state = coalesce(%(state)s::jsonb, reported_state)
-    WHERE id = %(device_id)s AND revoked_at IS NULL
-    RETURNING id, last_seen_at
+        battery_pct = coalesce(b.battery_pct, d.battery_pct),
+        charging = coalesce(b.charging, d.charging),
+        network_type = coalesce(b.network_type, d.network_type),
+        available_storage_mb = coalesce(b.available_storage_mb, d.available_storage_mb),
+        app_version = coalesce(b.app_version, d.app_version),
+        reported_state = coalesce(b.state, d.reported_state)
+    FROM jsonb_to_recordset(%(calls)s::jsonb)
+         AS b (device_id text, battery_pct integer, charging boolean, network_type text,
+               available_storage_mb bigint, app_version text, state jsonb)
+    WHERE d.id = ANY(%(keys)s::text[]) AND d.id = b.device_id AND d.revoked_at IS NULL
+    RETURNING d.id, d.last_seen_at
 )
-SELECT seen.last_seen_at,
+SELECT seen.id AS device_id, seen.last_seen_at,
        coalesce((
            SELECT json_agg(json_build_object(
                       'round_id', r.id, 'model_id', r.model_id, 'base_version', r.base_version,
