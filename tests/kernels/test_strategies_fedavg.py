@@ -10,6 +10,10 @@ import torch
 
 from fedrpc.fl import InvalidInput
 from fedrpc.fl.strategies import FedAvgAccumulator, FedProxAccumulator, fedavg
+from fedrpc.fl.strategies._sum import _BLOCK
+
+# Large enough for two thread ranges of two coordinate blocks, the last partial.
+BIG = 5 * _BLOCK // 2 + 1
 
 
 def reference_weighted_mean(vectors: list[np.ndarray], counts: list[int]) -> np.ndarray:
@@ -41,12 +45,15 @@ def test_fedavg_matches_weighted_mean(n: int, size: int) -> None:
     assert acc.count == n and acc.total_samples == sum(counts)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("splits", [[0, 40], [0, 3, 19, 20, 40], [0, 1, 17, 33, 40]])
-def test_add_many_gives_bit_for_bit_the_result_of_single_adds(splits: list[int]) -> None:
-    # 300k values: several coordinate blocks, the last one partial.
+def test_add_many_gives_bit_for_bit_the_result_of_single_adds(
+    splits: list[int], threads: int
+) -> None:
     rng = np.random.default_rng(sum(splits))
-    vectors, counts = random_updates(rng, 40, 300_001)
-    single, grouped = FedAvgAccumulator(300_001), FedAvgAccumulator(300_001)
+    vectors, counts = random_updates(rng, 40, BIG)
+    single = FedAvgAccumulator(BIG)
+    grouped = FedAvgAccumulator(BIG, threads=threads)
 
     for v, c in zip(vectors, counts, strict=True):
         single.add(v, c)
@@ -55,6 +62,58 @@ def test_add_many_gives_bit_for_bit_the_result_of_single_adds(splits: list[int])
 
     np.testing.assert_array_equal(grouped.finish(), single.finish())
     assert grouped.total_samples == sum(counts)
+
+
+def test_add_many_matches_single_adds_across_the_second_level() -> None:
+    # 600 updates: level-1 sums carried into level 2 at 256 and 512, with
+    # calls that start and end mid-group.
+    rng = np.random.default_rng(17)
+    vectors, counts = random_updates(rng, 600, 1001)
+    single, grouped = FedAvgAccumulator(1001), FedAvgAccumulator(1001)
+    splits = [0, 5, 200, 255, 257, 270, 290, 513, 600]
+
+    for v, c in zip(vectors, counts, strict=True):
+        single.add(v, c)
+    for a, b in zip(splits, splits[1:], strict=False):
+        grouped.add_many(vectors[a:b], counts[a:b])
+    result = grouped.finish()
+
+    np.testing.assert_array_equal(result, single.finish())
+    np.testing.assert_allclose(
+        result, reference_weighted_mean(vectors, counts), rtol=2e-6, atol=2e-6
+    )
+
+
+@pytest.mark.parametrize("n", [1, 16, 17, 50])
+def test_fedavg_on_two_threads_matches_weighted_mean(n: int) -> None:
+    rng = np.random.default_rng(n)
+    vectors, counts = random_updates(rng, n, BIG)
+    threads = torch.get_num_threads()
+    acc = FedAvgAccumulator(BIG, threads=2)
+
+    for v, c in zip(vectors, counts, strict=True):
+        acc.add(v, c)
+
+    np.testing.assert_allclose(
+        acc.finish(), reference_weighted_mean(vectors, counts), rtol=2e-6, atol=2e-6
+    )
+    assert torch.get_num_threads() == threads
+
+
+def test_fedavg_on_two_threads_finds_non_finite_values_in_the_last_range() -> None:
+    vectors = [np.ones(BIG, np.float32) for _ in range(3)]
+    vectors[1][-1] = np.inf
+    acc = FedAvgAccumulator(BIG, threads=2)
+    acc.add_many(vectors, [1, 2, 3])
+
+    with pytest.raises(InvalidInput, match="NaN or infinite"):
+        acc.finish()
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_fedavg_refuses_bad_thread_counts(threads: object) -> None:
+    with pytest.raises(InvalidInput, match="threads must be a whole number >= 1"):
+        FedAvgAccumulator(3, threads=threads)  # type: ignore[arg-type]
 
 
 def test_add_many_refuses_mismatched_lists() -> None:

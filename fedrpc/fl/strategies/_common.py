@@ -33,10 +33,12 @@ __all__ = [
     "check_num_samples",
     "check_positive",
     "check_sources",
+    "check_threads",
     "check_vector",
     "chunk_size",
     "chunked_mean",
     "gather",
+    "kernel_threads",
     "single_thread",
 ]
 
@@ -76,23 +78,38 @@ class Selection:
     selected: tuple[int, ...]
 
 
-class single_thread:
-    """Run torch on one thread: on 2 cores its pool made axpy loops 10x slower.
+class kernel_threads:
+    """Run torch on ``n`` intra-op threads for the duration of a ``with`` block.
 
     A plain class rather than ``@contextmanager``: it is entered once per
     streamed update, and the generator machinery costs a few microseconds.
     """
 
-    __slots__ = ("_previous",)
+    __slots__ = ("_n", "_previous")
+
+    def __init__(self, n: int = 1) -> None:
+        self._n = n
 
     def __enter__(self) -> None:
         self._previous = torch.get_num_threads()
-        if self._previous != 1:
-            torch.set_num_threads(1)
+        if self._previous != self._n:
+            torch.set_num_threads(self._n)
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous != 1:
+        if self._previous != self._n:
             torch.set_num_threads(self._previous)
+
+
+def single_thread() -> kernel_threads:
+    """Torch on one thread: beside other work on 2 cores its pool made axpy loops 10x slower."""
+    return kernel_threads(1)
+
+
+def check_threads(threads: object) -> int:
+    """A kernel's thread count: a whole number >= 1."""
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+        raise InvalidInput(f"threads must be a whole number >= 1, got {threads!r}")
+    return int(threads)
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:

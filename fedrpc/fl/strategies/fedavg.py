@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-import torch
 
 from fedrpc.fl._errors import InvalidInput
-from fedrpc.fl.strategies._common import check_num_samples, single_thread
+from fedrpc.fl.strategies._common import check_num_samples
 from fedrpc.fl.strategies._sum import WeightedSum
 
 __all__ = ["FedAvgAccumulator", "fedavg"]
@@ -30,6 +29,13 @@ class FedAvgAccumulator:
     ----------
     size : int
         Length of the flat vectors (floating-point parameters of the model).
+    threads : int
+        Threads of the sums. On an idle 2-core machine two were up to 1.6x
+        faster than one (the memory bus has room for both cores). Keep one
+        (the default) where other work shares the cores, as in the server,
+        whose prefetch threads decode the next updates meanwhile: there two
+        kernel threads measured 2.3x slower. The result is bit for bit the
+        same whatever the count.
 
     Examples
     --------
@@ -40,8 +46,8 @@ class FedAvgAccumulator:
     array([2.5, 2. , 1.5], dtype=float32)
     """
 
-    def __init__(self, size: int) -> None:
-        self._sum = WeightedSum(size)
+    def __init__(self, size: int, *, threads: int = 1) -> None:
+        self._sum = WeightedSum(size, threads=threads)
         self.total_samples = 0
 
     @property
@@ -61,7 +67,7 @@ class FedAvgAccumulator:
         """Add several updates at once (e.g. memory-mapped files already at hand).
 
         Same result as calling :meth:`add` on each; faster for models larger
-        than the last-level cache because the partial sum is updated one
+        than the last-level cache because the partial sums are updated one
         cache-sized block at a time for the whole group.
         """
         if len(vectors) != len(num_samples):
@@ -75,14 +81,8 @@ class FedAvgAccumulator:
 
     def finish(self) -> np.ndarray:
         """The weighted mean as a float32 vector; the accumulator is spent."""
-        result = self._sum.finish()
-        view = torch.from_numpy(result)
-        with single_thread():
-            # One rounding: the total is exact in float32 below 2^24 examples.
-            view.div_(float(self.total_samples))
-            # NaN and inf survive a sum; a finite sum that overflows gets the
-            # exact check.
-            finite = bool(torch.isfinite(view.sum())) or bool(torch.isfinite(view).all())
+        # One rounding: the total is exact in float32 below 2^24 examples.
+        result, finite = self._sum.finish_mean(self.total_samples)
         if not finite:
             raise InvalidInput("the average is not finite: an update holds NaN or infinite values")
         return result
