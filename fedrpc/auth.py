@@ -35,13 +35,16 @@ class Principal(msgspec.Struct, frozen=True):
     key_id: str | None = None
     device_id: str | None = None
 
+    # "org:<id>" or "device:<id>", set from the fields: logs and rate limits read it per call.
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        label = f"device:{self.device_id}" if self.kind == "device" else f"org:{self.org_id}"
+        msgspec.structs.force_setattr(self, "label", label)
+
     @property
     def caller(self) -> Caller:
         return Caller.ORG if self.kind == "org" else Caller.DEVICE
-
-    @property
-    def label(self) -> str:
-        return f"device:{self.device_id}" if self.kind == "device" else f"org:{self.org_id}"
 
 
 def new_id(prefix: str) -> str:
@@ -71,6 +74,13 @@ class Authenticator:
         self.db = db
         self.ttl = ttl_seconds
         self._cache: dict[str, tuple[Principal, float]] = {}
+
+    def cached(self, header: str | None) -> Principal | None:
+        """The principal of a header authenticated less than ``ttl`` ago, else None."""
+        hit = self._cache.get(header) if header is not None else None
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        return None
 
     async def authenticate(self, header: str | None) -> Principal | None:
         """None when no token was sent; Unauthorized when one was sent and is not valid."""

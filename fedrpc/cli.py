@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -93,8 +94,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             '      -d \'{"jsonrpc": "2.0", "method": "system.ping", "id": 1}\'\n',
             flush=True,
         )
+        app = create_app(settings)
+        # Everything imported so far (torch, numpy, the registry) lives as long as the
+        # process: moved out of the collector's sight, it is not traversed again by every
+        # full collection the request path's garbage triggers.
+        gc.collect()
+        gc.freeze()
         web.run_app(
-            create_app(settings),
+            app,
             host=settings.host,
             port=settings.port,
             print=None,

@@ -13,7 +13,7 @@ import inspect
 import pkgutil
 import typing
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -25,6 +25,7 @@ from schemas._base import MutatingParams, Params
 Handler = Callable[[Any, Any], Awaitable[Any]]
 ORG, DEVICE, PUBLIC = Caller.ORG, Caller.DEVICE, Caller.PUBLIC
 ORG_OR_DEVICE = Caller.ORG | Caller.DEVICE
+_KINDS = {"org": Caller.ORG, "device": Caller.DEVICE}  # Principal.kind -> its flag
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,18 @@ class MethodSpec:
     allow: Caller
     errors: tuple[type[AppError], ...]
     decoder: msgspec.json.Decoder
+    # Derived from allow and params_type, as plain values: read on every call, and
+    # a Flag's ``in`` runs Python code.
+    public: bool = field(init=False)
+    idempotent: bool = field(init=False)
+    kinds: frozenset[str] = field(init=False)  # principal kinds allowed: "org", "device"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: fields derived once, here
+        set_(self, "public", Caller.PUBLIC in self.allow)
+        set_(self, "idempotent", issubclass(self.params_type, MutatingParams))
+        kinds = {kind for kind, flag in _KINDS.items() if flag in self.allow}
+        set_(self, "kinds", frozenset(kinds))
 
     @property
     def summary(self) -> str:
@@ -46,14 +59,6 @@ class MethodSpec:
     @property
     def description(self) -> str:
         return inspect.getdoc(self.handler) or ""
-
-    @property
-    def idempotent(self) -> bool:
-        return issubclass(self.params_type, MutatingParams)
-
-    @property
-    def public(self) -> bool:
-        return Caller.PUBLIC in self.allow
 
 
 def rpc_method(

@@ -1,17 +1,18 @@
 """POST /rpc: JSON-RPC 2.0 envelope, batches, auth, limits and dispatch.
 
-jsonrpcserver does the method call (lookup, argument binding, result type);
-around it this module does what jsonrpcserver gets wrong or slow: a msgspec
-envelope check per batch member (its jsonschema check is 75% of a call and
-answers a batch with one bad member with a single error), msgspec params
-decoding with the failing field path, and errors that never carry exception
-text.
+jsonrpcserver makes the method call (its async ``call``: arguments, context,
+result type). Around it this module does what jsonrpcserver gets wrong or
+slow: a msgspec envelope check per batch member (its jsonschema check is 75%
+of a call and answers a batch with one bad member with a single error), the
+method lookup in our registry (its ``dispatch_request`` would also rebuild
+and bind the target's signature with ``inspect`` on every call, though the
+target has one fixed shape), msgspec params decoding with the failing field
+path, and errors that never carry exception text.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import math
 import os
@@ -48,7 +49,7 @@ from fedrpc.registry import MethodSpec
 with warnings.catch_warnings():
     # jsonrpcserver 5.0.9 reads its schema with a deprecated importlib.resources call.
     warnings.simplefilter("ignore", DeprecationWarning)
-    from jsonrpcserver.async_dispatcher import dispatch_request
+    from jsonrpcserver.async_dispatcher import call as jsonrpc_call
     from jsonrpcserver.request import Request as JsonRpcRequest
     from jsonrpcserver.result import Error, Success, SuccessResult
 
@@ -202,7 +203,7 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
     spec, request_id = call.spec, ctx.request_id
     assert spec is not None
     try:
-        if not spec.public and ctx.principal.caller not in spec.allow:
+        if not spec.public and ctx.principal.kind not in spec.kinds:
             raise Forbidden(f"a {ctx.principal.kind} may not call {spec.name}")
         try:
             params = decode_params(spec, call.env.params)
@@ -237,26 +238,6 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
         )
 
 
-class _TargetSignature(inspect.Signature):
-    """The target's signature, precomputed, with a bind that knows the target's one shape.
-
-    jsonrpcserver checks every call with ``inspect.signature(target).bind(*args)``
-    before calling it. Without ``__signature__`` it rebuilds the signature from
-    the code object each time; and the generic bind walks the parameters in
-    Python although the target is always called as ``(ctx, call)``.
-    """
-
-    __slots__ = ()
-
-    def bind(self, /, *args: Any, **kwargs: Any) -> inspect.BoundArguments:
-        if len(args) == 2 and not kwargs:
-            return inspect.BoundArguments(self, {"ctx": args[0], "call": args[1]})
-        return super().bind(*args, **kwargs)
-
-
-_jsonrpc_target.__signature__ = _TargetSignature.from_callable(_jsonrpc_target)  # type: ignore[attr-defined]
-
-
 async def _dispatch(
     services: Services,
     principal: Principal | None,
@@ -271,9 +252,7 @@ async def _dispatch(
     if error is None:
         name = spec.name
         ctx = Context(services, principal, request_id)
-        _, result = await dispatch_request(
-            {name: _jsonrpc_target}, ctx, JsonRpcRequest(name, [call], id_)
-        )
+        result = await jsonrpc_call(JsonRpcRequest(name, [call], id_), ctx, _jsonrpc_target)
         outcome = getattr(result, "_value", None)  # oslash: Right holds _value, Left holds _error
         if isinstance(outcome, SuccessResult):
             body = (
@@ -308,11 +287,10 @@ def _error_response(
 
 
 async def handle_rpc(request: web.Request) -> web.Response:
-    services: Services = request.app[SERVICES]
-    metrics: Metrics = request.app[METRICS]
-    request_id = os.urandom(
-        8
-    ).hex()  # what secrets.token_hex(8) returns, without its two Python calls
+    app = request.app
+    services: Services = app[SERVICES]
+    metrics: Metrics = app[METRICS]
+    request_id = os.urandom(8).hex()  # secrets.token_hex(8) without its two Python calls
     headers = {"X-Request-Id": request_id}
     try:
         body = await request.read()
@@ -325,15 +303,18 @@ async def handle_rpc(request: web.Request) -> web.Response:
     if isinstance(parsed, dict):
         return _error_response(200, parsed, headers)
     calls, is_batch = parsed
-    try:
-        principal = await services.auth.authenticate(request.headers.get("Authorization"))
-        if principal is None and any(c.spec and not c.spec.public for c in calls):
-            raise Unauthorized("this method needs 'Authorization: Bearer <token>'")
-    except Unauthorized as exc:
-        metrics.error("unauthorized")
-        return _error_response(
-            401, app_error_object(exc, request_id), {**headers, "WWW-Authenticate": "Bearer"}
-        )
+    header = request.headers.get("Authorization")
+    principal = services.auth.cached(header)  # the common case, without a coroutine
+    if principal is None:
+        try:
+            principal = await services.auth.authenticate(header)
+            if principal is None and any(c.spec and not c.spec.public for c in calls):
+                raise Unauthorized("this method needs 'Authorization: Bearer <token>'")
+        except Unauthorized as exc:
+            metrics.error("unauthorized")
+            return _error_response(
+                401, app_error_object(exc, request_id), {**headers, "WWW-Authenticate": "Bearer"}
+            )
     who = principal.label if principal else f"ip:{request.remote}"
     wait = services.extras["limiter"].take(who, float(len(calls)))
     if wait > 0:

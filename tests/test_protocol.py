@@ -318,7 +318,14 @@ async def test_health_readiness_and_metrics(client, org):
     assert "fedrpc_call_seconds_bucket" in text
 
 
-async def test_each_call_writes_one_json_log_line_without_secrets(client, org):
+@pytest.mark.parametrize(
+    "route",
+    [
+        "direct",  # the handler alone receives call lines, as `fedrpc serve` sets it up
+        "through logging",  # pytest's capture handlers sit on the root logger too
+    ],
+)
+async def test_each_call_writes_one_json_log_line_without_secrets(client, org, route):
     import asyncio
     import io
     import logging
@@ -330,8 +337,9 @@ async def test_each_call_writes_one_json_log_line_without_secrets(client, org):
     handler.setFormatter(JsonFormatter())
     calls = logging.getLogger("fedrpc.calls")
     calls.addHandler(handler)
-    level = calls.level
+    level, propagate = calls.level, calls.propagate
     calls.setLevel(logging.INFO)
+    calls.propagate = route != "direct"
     try:
         await client.ok("system.ping", None, org.token)
         await client.error("orgs.get", {"org_id": "org_" + "9" * 32}, org.token)
@@ -340,7 +348,13 @@ async def test_each_call_writes_one_json_log_line_without_secrets(client, org):
     finally:
         calls.removeHandler(handler)
         calls.setLevel(level)
+        calls.propagate = propagate
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    keys = ["ts", "level", "logger", "msg", "method", "principal", "duration_ms", "request_id"]
+    assert [list(x) for x in lines] == [[*keys, "outcome"], [*keys, "outcome", "code"]]
+    assert all(
+        (x["level"], x["logger"], x["msg"]) == ("info", "fedrpc.calls", "rpc.call") for x in lines
+    )
     assert [(x["method"], x["outcome"]) for x in lines] == [
         ("system.ping", "ok"),
         ("orgs.get", "forbidden"),
