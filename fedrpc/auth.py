@@ -131,15 +131,18 @@ class RateLimiter:
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
         self.burst = float(burst)
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: dict[str, list[float]] = {}  # who -> [tokens, when], updated in place
 
     def take(self, who: str, cost: float = 1.0) -> float:
         """Spend ``cost`` tokens; returns 0 when allowed, else seconds until it would be."""
         now = time.monotonic()
-        tokens, stamp = self._buckets.get(who, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        bucket = self._buckets.get(who)
+        if bucket is None:
+            bucket = self._buckets[who] = [self.burst, now]
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
         if tokens >= cost:
-            self._buckets[who] = (tokens - cost, now)
+            bucket[0] = tokens - cost
             return 0.0
-        self._buckets[who] = (tokens, now)
+        bucket[0] = tokens
         return (cost - tokens) / self.rate

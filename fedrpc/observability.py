@@ -138,6 +138,24 @@ class JsonFormatter(logging.Formatter):
         return stamp
 
 
+class _CallLine(msgspec.Struct, omit_defaults=True):
+    """A call's line as JsonFormatter writes it for a CallRecord: same keys, same order."""
+
+    ts: str
+    level: str
+    logger: str
+    msg: str
+    method: str
+    principal: str
+    duration_ms: float
+    request_id: str
+    outcome: str
+    code: int | None = None
+
+
+_encode_call_lines = msgspec.json.Encoder().encode_lines
+
+
 _MAX_PENDING_LINES = 256
 #: How long a line logged on the event loop may wait to be written with others.
 FLUSH_DELAY_SECONDS = 0.05
@@ -157,7 +175,9 @@ class JsonLineHandler(logging.StreamHandler):
 
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream)
-        self._pending: list[str] = []
+        # Formatted lines, and call lines still as Structs: those are encoded together
+        # at flush time, in one encode_lines per run of them.
+        self._pending: list[str | _CallLine] = []
         self._flush_on: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -168,10 +188,10 @@ class JsonLineHandler(logging.StreamHandler):
         except Exception:
             self.handleError(record)
 
-    def write_line(self, line: str) -> None:
-        """Queue one formatted line (without its newline) as :meth:`emit` does."""
+    def write_line(self, line: str | _CallLine) -> None:
+        """Queue one line (formatted, without its newline, or a call's) as :meth:`emit` does."""
         with self.lock:  # type: ignore[union-attr]  # worker threads log too
-            self._pending.append(line + "\n")
+            self._pending.append(line + "\n" if type(line) is str else line)
             pending = len(self._pending)
         try:
             loop = asyncio.get_running_loop()
@@ -187,7 +207,7 @@ class JsonLineHandler(logging.StreamHandler):
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # logging.Handler always creates its lock
             self._flush_on = None
-            lines, self._pending = "".join(self._pending), []
+            lines, self._pending = _joined(self._pending), []
             if self.stream and hasattr(self.stream, "flush"):
                 if lines:
                     self.stream.write(lines)
@@ -202,6 +222,22 @@ class JsonLineHandler(logging.StreamHandler):
             raise
         except Exception:
             self.handleError(logging.makeLogRecord({"msg": "(buffered log lines)"}))
+
+
+def _joined(pending: list[str | _CallLine]) -> str:
+    parts: list[str] = []
+    run: list[_CallLine] = []
+    for item in pending:
+        if type(item) is str:
+            if run:
+                parts.append(_encode_call_lines(run).decode())
+                run = []
+            parts.append(item)
+        else:
+            run.append(item)
+    if run:
+        parts.append(_encode_call_lines(run).decode())
+    return "".join(parts)
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -267,35 +303,19 @@ class CallRecord(logging.LogRecord):
         self.fields = fields
 
 
-class _CallLine(msgspec.Struct, omit_defaults=True):
-    """A call's line as JsonFormatter writes it for a CallRecord: same keys, same order."""
-
-    ts: str
-    level: str
-    logger: str
-    msg: str
-    method: str
-    principal: str
-    duration_ms: float
-    request_id: str
-    outcome: str
-    code: int | None = None
-
-
-_encode_call_line = msgspec.json.Encoder().encode
-
-
 def log_call(
     method: str, principal: str, seconds: float, request_id: str, outcome: str, code: int | None
 ) -> None:
     """Log the one line of a call (logger ``fedrpc.calls``, message ``rpc.call``)."""
     if not call_log.isEnabledFor(logging.INFO):
         return
-    duration_ms = round(seconds * 1000, 3)
+    # Whole microseconds as milliseconds: k / 1000 prints as k's digits (round() is 4x slower).
+    duration_ms = int(seconds * 1_000_000 + 0.5) / 1000
     handler = _sole_handler()
     if handler is not None:
-        # The line the handler would format from a record, without building one: a
-        # record and its trip through logging cost about as much as a ping.
+        # The line the handler would format from a record, as a Struct the handler
+        # encodes with the others when it writes: a record and its trip through
+        # logging cost about as much as a ping, encoding line by line a tenth.
         formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
         line = _CallLine(
             formatter.stamp(time.time()),
@@ -309,7 +329,7 @@ def log_call(
             outcome,
             code,
         )
-        handler.write_line(_encode_call_line(line).decode())
+        handler.write_line(line)
         return
     fields = {
         "method": method,

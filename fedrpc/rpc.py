@@ -185,17 +185,16 @@ def decode_params(spec: MethodSpec, raw: msgspec.Raw | Any) -> Any:
     return spec.decoder.decode(raw)
 
 
-async def _invoke(ctx: Context, spec: MethodSpec, params: Any) -> bytes:
-    if spec.idempotent and params.idempotency_key is not None:
+async def _run_once(ctx: Context, spec: MethodSpec, params: Any) -> bytes:
+    """An idempotent call: the stored answer of an earlier call with this key, or a new one."""
 
-        async def run() -> bytes:
-            return _encode(await spec.handler(ctx, params))
+    async def run() -> bytes:
+        return _encode(await spec.handler(ctx, params))
 
-        digest = hashlib.sha256(_encode(params)).digest()
-        return await idempotency.run_once(
-            ctx.db, ctx.principal.label, spec.name, params.idempotency_key, digest, run
-        )
-    return _encode(await spec.handler(ctx, params))
+    digest = hashlib.sha256(_encode(params)).digest()
+    return await idempotency.run_once(
+        ctx.db, ctx.principal.label, spec.name, params.idempotency_key, digest, run
+    )
 
 
 async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
@@ -224,7 +223,9 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
                     INVALID_PARAMS, request_id, "params are not valid JSON or nest too deeply"
                 )
             )
-        return Success(msgspec.Raw(await _invoke(ctx, spec, params)))
+        if spec.idempotent and params.idempotency_key is not None:
+            return Success(msgspec.Raw(await _run_once(ctx, spec, params)))
+        return Success(msgspec.Raw(_encode(await spec.handler(ctx, params))))
     except AppError as exc:
         return Error(**app_error_object(exc, request_id))
     except InvalidInput as exc:
