@@ -642,10 +642,12 @@ def _e2e_report(
             "fedrpc.aggregation_compute.MAX_PREFETCH at a time), so they add up to more than the loop's "
             "wall time. The new ONNX model and program are the base graph with the new values "
             "filled in and checked against the program (docs/model-artifacts.md); the server "
-            "keeps that graph per base program, so the first version made from a base in a "
-            "process re-exports it once (torch.export + torch.onnx.export, about a second, "
-            "whatever the model's size): the last column is one such round, measured after the "
-            f"others with the templates forgotten. torch {torch.__version__}. "
+            "keeps that graph per base program. The last column is one round measured after the "
+            "others with the kept graphs forgotten: this MLP's uploaded ONNX takes the new values "
+            "as it is, so only its parse is added; a base whose graph an exporter folded "
+            "(BatchNorm) is re-exported once per process instead (torch.export + "
+            "torch.onnx.export, about a second whatever the model's size). "
+            f"torch {torch.__version__}. "
             f"Whole e2e part: {elapsed:.0f} s.",
         ]
     )

@@ -167,8 +167,8 @@ class JsonLineHandler(logging.StreamHandler):
     A line logged from a coroutine waits in memory for at most
     :data:`FLUSH_DELAY_SECONDS`, then every waiting line is written at once:
     one system call serves hundreds of calls under load. (Writing once per
-    loop iteration instead cost 15 us of a ~120 us ``system.ping``, measured
-    with wrk.) A line logged outside a running loop, a full buffer (256
+    loop iteration instead cost about 5 us of a ~120 us ``system.ping``,
+    measured with wrk.) A line logged outside a running loop, a full buffer (256
     lines), and ``flush()`` (which ``logging.shutdown`` calls at exit) write
     what is waiting at once.
     """

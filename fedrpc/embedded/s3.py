@@ -43,8 +43,11 @@ _WEED_FIXED_FLAGS = (
     "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-webdav=false",
     "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.preStopSeconds=0",
     # Every bucket is a collection with volumes of its own: with the defaults weed
-    # runs out of volume slots after about 90 buckets. Small volumes, many slots.
-    "-volume.max=10000", "-master.volumeSizeLimitMB=64",
+    # runs out of volume slots after about 90 buckets, hence many slots. Volumes
+    # are not preallocated, so their size limit costs no disk; a full volume stalls
+    # writes while weed grows new ones (250 ms to 1 s measured for 64 MB volumes,
+    # every 16 x 4 MB objects), so the limit is large.
+    "-volume.max=10000", "-master.volumeSizeLimitMB=1024",
 )  # fmt: skip
 _WEED_ENV_PREFIXES = ("AWS_", "S3_", "WEED_")
 
