@@ -42,10 +42,6 @@ class Principal(msgspec.Struct, frozen=True):
         label = f"device:{self.device_id}" if self.kind == "device" else f"org:{self.org_id}"
         msgspec.structs.force_setattr(self, "label", label)
 
-    @property
-    def caller(self) -> Caller:
-        return Caller.ORG if self.kind == "org" else Caller.DEVICE
-
 
 def new_id(prefix: str) -> str:
     """A server-generated id: type prefix + 128 random bits."""
