@@ -19,7 +19,11 @@ from schemas.training import Round
 async def model_for_reading(ctx: Context, model_id: str) -> Model:
     """The model, if the caller's organization (or one of its devices) may read it."""
     model = await ctx.db.get(
-        "models.find_model", Model, model_id=model_id, missing="no model with this id"
+        "models.find_model",
+        Model,
+        model_id=model_id,
+        reader_org_id=ctx.org_id,
+        missing="no model with this id",
     )
     if model.org_id != ctx.org_id and not await ctx.db.value(
         "federations.models.find_member_share", model_id=model_id, org_id=ctx.org_id
@@ -31,7 +35,11 @@ async def model_for_reading(ctx: Context, model_id: str) -> Model:
 async def model_for_writing(ctx: Context, model_id: str) -> Model:
     """The model, if the caller is the organization that owns it."""
     model = await ctx.db.get(
-        "models.find_model", Model, model_id=model_id, missing="no model with this id"
+        "models.find_model",
+        Model,
+        model_id=model_id,
+        reader_org_id=ctx.org_id,
+        missing="no model with this id",
     )
     if model.org_id != ctx.org_id or ctx.principal.kind != "org":
         raise Forbidden("the organization does not own this model")

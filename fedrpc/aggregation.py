@@ -95,8 +95,9 @@ async def aggregate_round(
     strategy: str | None = None,
     params: dict[str, float] | None = None,
     min_updates: int | None = None,
+    publish: bool = True,
 ) -> ModelVersion:
-    """Aggregate a running round into a new version of its model, or explain why not."""
+    """Aggregate a running round into a new version of its model (a draft unless publish)."""
     rnd = await db.get(
         "training.aggregate.get_round", Round, round_id=round_id, missing="no round with this id"
     )
@@ -124,7 +125,7 @@ async def aggregate_round(
         )
     await _claim(db, round_id)
     try:
-        return await _aggregate_claimed(db, storage, rnd, name, full_params, rows)
+        return await _aggregate_claimed(db, storage, rnd, name, full_params, rows, publish)
     except (RoundFailed, PrivacyBudgetExhausted, NotFound) as exc:
         # These will not pass by retrying: the round fails with the reason.
         await db.run(
@@ -142,7 +143,13 @@ async def aggregate_round(
 
 
 async def _aggregate_claimed(
-    db: Database, storage: Storage, rnd: Round, strategy: str, params: dict, rows: list[UpdateRow]
+    db: Database,
+    storage: Storage,
+    rnd: Round,
+    strategy: str,
+    params: dict,
+    rows: list[UpdateRow],
+    publish: bool,
 ) -> ModelVersion:
     base = await db.get(
         "training.aggregate.find_base_artifacts",
@@ -208,6 +215,7 @@ async def _aggregate_claimed(
             num_updates=len(rows),
             total_samples=sum(r.sample_count for r in rows),
             metrics=metrics,
+            published=publish,
             along_with=along_with,
         )
     except BaseException:

@@ -48,9 +48,10 @@ async def publish_version(
     total_samples: int = 0,
     metrics: dict[str, Any] | None = None,
     description: str = "",
+    published: bool = True,
     along_with: AlongWith | None = None,
 ) -> ModelVersion:
-    """Write a version's objects, then its rows, and return it.
+    """Write a version's objects, then its rows, and return it (a draft unless published).
 
     An artifact may be given as an awaitable of its bytes (made on a worker
     thread, say): the others are written while it is being made.
@@ -85,6 +86,7 @@ async def publish_version(
                 manifest=jsonb(manifest),
                 input_shape=jsonb(input_shape),
                 description=description,
+                published=published,
             )
             for kind, obj in stored:
                 await tx.run(

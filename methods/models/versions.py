@@ -1,4 +1,8 @@
-"""models.versions.*: register base versions, list, read and download them."""
+"""models.versions.*: register base versions, list, read, download and publish them.
+
+A draft (unpublished) version is visible to its own organization only: the
+readers of a shared model see its published versions.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from schemas.models.versions import (
     ListParams,
     ListResult,
     ModelVersion,
+    PublishParams,
 )
 
 
@@ -66,31 +71,39 @@ async def create(ctx: Context, p: CreateParams) -> ModelVersion:
 
 @rpc_method(ORG_OR_DEVICE)
 async def list_(ctx: Context, p: ListParams) -> ListResult:
-    """A model's versions, newest first."""
-    await model_for_reading(ctx, p.model_id)
+    """A model's versions, newest first (drafts only for the owning organization)."""
+    model = await model_for_reading(ctx, p.model_id)
+    args = {"model_id": p.model_id, "with_drafts": model.org_id == ctx.org_id}
     items = await ctx.db.all(
-        "models.versions.list_versions",
-        ModelVersion,
-        model_id=p.model_id,
-        limit=p.limit,
-        offset=p.offset,
+        "models.versions.list_versions", ModelVersion, limit=p.limit, offset=p.offset, **args
     )
     return ListResult(
-        items=items, total=await ctx.db.value("models.versions.count_versions", model_id=p.model_id)
+        items=items, total=await ctx.db.value("models.versions.count_versions", **args)
     )
 
 
 @rpc_method(ORG_OR_DEVICE)
 async def get(ctx: Context, p: GetParams) -> ModelVersion:
-    """One version (the latest when none is named)."""
-    await model_for_reading(ctx, p.model_id)
+    """One version (the latest when none is named); drafts only for the owning organization."""
+    model = await model_for_reading(ctx, p.model_id)
     return await ctx.db.get(
-        "models.versions.get_version",
+        "models.versions.get_visible_version",
         ModelVersion,
         model_id=p.model_id,
         version=p.version,
+        with_drafts=model.org_id == ctx.org_id,
         missing="no such version of this model",
     )
+
+
+@rpc_method(ORG)
+async def publish(ctx: Context, p: PublishParams) -> ModelVersion:
+    """Publish a draft version (a published one is returned unchanged); it cannot be undone."""
+    await model_for_writing(ctx, p.model_id)
+    key = {"model_id": p.model_id, "version": p.version}
+    if await ctx.db.value("models.versions.update_version_published", **key) is None:
+        raise NotFound("no such version of this model")
+    return await ctx.db.get("models.versions.get_version", ModelVersion, **key)
 
 
 @rpc_method(ORG_OR_DEVICE)

@@ -63,10 +63,18 @@ async def create_round(ctx: Context, p: CreateRoundParams) -> RoundDetail:
         )
     if p.min_updates > p.target_device_count:
         raise BadRequest("min_updates cannot exceed target_device_count")
-    if not await ctx.db.value(
-        "training.find_model_version", model_id=p.model_id, version=p.base_version
-    ):
+    published = await ctx.db.value(
+        "models.versions.find_version_published", model_id=p.model_id, version=p.base_version
+    )
+    # Other organizations do not see drafts at all.
+    if published is None or (not published and model.org_id != ctx.org_id):
         raise NotFound("the model has no such base_version")
+    if not published:
+        raise PreconditionFailed(
+            f"version {p.base_version} is a draft; publish it with models.versions.publish "
+            "before a round can start from it",
+            published=False,
+        )
     round_id = await ctx.db.value(
         "training.insert_round",
         id=new_id("rnd"),
@@ -199,7 +207,10 @@ async def cancel_round(ctx: Context, p: CancelRoundParams) -> RoundDetail:
 
 @rpc_method(ORG)
 async def aggregate(ctx: Context, p: AggregateParams) -> ModelVersion:
-    """Combine the round's updates with its strategy (or the one given) into the model's next version."""
+    """Combine the round's updates with its strategy (or the one given) into the model's next version.
+
+    With publish=false the version is a draft until models.versions.publish.
+    """
     await round_for_owner(ctx, p.round_id)
     return await aggregate_round(
         ctx.db,
@@ -208,4 +219,5 @@ async def aggregate(ctx: Context, p: AggregateParams) -> ModelVersion:
         strategy=p.strategy.name if p.strategy else None,
         params=p.strategy.params if p.strategy else None,
         min_updates=p.min_updates,
+        publish=p.publish,
     )

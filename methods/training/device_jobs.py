@@ -79,12 +79,15 @@ async def create(ctx: Context, p: CreateParams) -> Job:
     another state `precondition_failed` with `data.state`, and a second live
     job for the same round `conflict` (a new one is allowed after a job failed).
     A personalization job needs a model the device's organization may read and
-    an existing version.
+    an existing version (a draft only when its own organization owns the model).
     """
     if p.job_type == "personalization":
         await model_for_reading(ctx, p.model_id)
         if not await ctx.db.value(
-            "training.find_model_version", model_id=p.model_id, version=p.base_version
+            "training.find_model_version",
+            model_id=p.model_id,
+            version=p.base_version,
+            org_id=ctx.org_id,
         ):
             raise NotFound("the model has no such base_version")
     job = await ctx.db.maybe(

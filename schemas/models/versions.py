@@ -54,10 +54,12 @@ class ModelVersion(Result, kw_only=True):
     description: str = ""
     created_at: datetime
     artifacts: list[Artifact] = []
+    # Required, never omitted: false marks a draft (see PublishParams).
+    published: bool
 
 
 class ListParams(Params):
-    """A model's versions, newest first."""
+    """A model's versions, newest first (drafts only for the owning organization)."""
 
     model_id: ModelId
     limit: Limit = 50
@@ -70,7 +72,12 @@ class ListResult(Result):
 
 
 class GetParams(Params):
-    """One version of a model (the latest when version is omitted)."""
+    """One version of a model (the latest when version is omitted).
+
+    Drafts (unpublished versions) are seen by the owning organization only; for
+    the members of a federation the model is shared into, a draft is not_found
+    and the latest version is the latest published one.
+    """
 
     model_id: ModelId
     version: Version | None = None
@@ -97,3 +104,17 @@ class DownloadResult(Result):
     manifest: list[TensorSpec]
     expires_at: datetime
     artifacts: list[DownloadLink]
+
+
+class PublishParams(MutatingParams, kw_only=True):
+    """Publish a draft version: rounds may then start from it and federation members see it.
+
+    A version made by training.aggregate with publish=false is a draft: its
+    organization reads and downloads it, but no round can use it as its base
+    and organizations it is shared with do not see it. Publishing is for the
+    owning organization's API keys only and cannot be undone; publishing a
+    published version returns it unchanged.
+    """
+
+    model_id: ModelId
+    version: Version

@@ -201,8 +201,18 @@ class CancelRoundParams(MutatingParams, kw_only=True):
 
 
 class AggregateParams(MutatingParams, kw_only=True):
-    """Aggregate a running round's updates into a new model version (the round then completes)."""
+    """Aggregate a running round's updates into a new model version (the round then completes).
+
+    With publish=false the new version is a draft: the organization reads and
+    downloads it (models.versions.get/list/download), but no round can start
+    from it (training.create_round answers precondition_failed) and federation
+    members do not see it, until models.versions.publish.
+    """
 
     round_id: RoundId
     strategy: Strategy | None = None
     min_updates: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    publish: Annotated[
+        bool,
+        Meta(description="false stores the new version as a draft, see models.versions.publish"),
+    ] = True

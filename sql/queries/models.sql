@@ -5,9 +5,10 @@ VALUES (%(id)s, %(org_id)s, %(name)s, %(framework)s, %(use_case)s, %(description
 RETURNING id, org_id, name, framework, use_case, description, created_at, NULL::integer AS latest_version;
 
 -- name: find_model
--- One model with its latest version number.
+-- One model with the latest version its reader may see (drafts only for the owning org).
 SELECT m.id, m.org_id, m.name, m.framework, m.use_case, m.description, m.created_at,
-       (SELECT max(v.version) FROM model_versions AS v WHERE v.model_id = m.id) AS latest_version
+       (SELECT max(v.version) FROM model_versions AS v
+        WHERE v.model_id = m.id AND (v.published OR m.org_id = %(reader_org_id)s)) AS latest_version
 FROM models AS m WHERE m.id = %(model_id)s;
 
 -- name: list_models

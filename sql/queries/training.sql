@@ -104,8 +104,10 @@ SET state = 'cancelled', cancel_reason = %(reason)s, finished_at = now(), update
 WHERE id = %(round_id)s AND state IN ('pending', 'selected', 'running');
 
 -- name: find_model_version
--- Whether a version exists.
-SELECT true FROM model_versions WHERE model_id = %(model_id)s AND version = %(version)s;
+-- Whether a version exists that the organization may start from (drafts only for their owner).
+SELECT true FROM model_versions AS v JOIN models AS m ON m.id = v.model_id
+WHERE v.model_id = %(model_id)s AND v.version = %(version)s
+  AND (v.published OR m.org_id = %(org_id)s);
 
 -- name: find_round_state
 -- The current state of a round.

@@ -19,7 +19,7 @@ from fedrpc.tasks import aggregate_due_rounds
 from fedrpc.version_artifacts import TEMPLATES
 from tests.conftest import register_device
 from tests.kernels.nets import NETS
-from tests.methods.conftest import b64, inline
+from tests.methods.conftest import b64, inline, shared_federation
 
 
 def base_state(net) -> dict[str, np.ndarray]:
@@ -137,6 +137,7 @@ async def test_fedavg_matches_a_float64_reference_and_completes_the_round(
         version["version"] == 2
         and version["parent_version"] == 1
         and version["round_id"] == rnd["id"]
+        and version["published"] is True
     )
     assert (
         version["strategy"] == "fedavg"
@@ -229,6 +230,72 @@ async def test_two_concurrent_aggregations_make_one_version(client, org, mlp_mod
     assert (await client.ok("models.versions.list", {"model_id": mlp_model["id"]}, org.token))[
         "total"
     ] == 2
+
+
+async def test_publish_false_makes_a_draft_no_round_can_start_from_until_published(
+    client, org, other_org, mlp_model, mlp_bundle
+):
+    fed = await shared_federation(client, org, other_org, mlp_model)
+    rnd, _, _ = await run_round(client, org, mlp_model, mlp_bundle[0])
+    draft = await client.ok(
+        "training.aggregate", {"round_id": rnd["id"], "publish": False}, org.token
+    )
+    assert draft["version"] == 2 and draft["published"] is False
+    assert (await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token))[
+        "result_version"
+    ] == 2
+    # The owner reads and downloads the draft.
+    got = await client.ok("models.versions.get", {"model_id": mlp_model["id"]}, org.token)
+    assert got == draft
+    assert "safetensors" in await download(client, org.token, mlp_model["id"], 2)
+    new_round = {"model_id": mlp_model["id"], "base_version": 2, "target_device_count": 1}
+    error = await client.error("training.create_round", new_round, org.token)
+    assert error["data"]["type"] == "precondition_failed"
+    assert "draft" in error["data"]["message"] and error["data"]["published"] is False
+    # A federation member sees only the published version 1.
+    theirs = await client.ok("models.versions.list", {"model_id": mlp_model["id"]}, other_org.token)
+    assert theirs["total"] == 1 and [v["version"] for v in theirs["items"]] == [1]
+    latest = await client.ok("models.versions.get", {"model_id": mlp_model["id"]}, other_org.token)
+    assert latest["version"] == 1
+    model_of = {"model_id": mlp_model["id"]}
+    assert (await client.ok("models.get", model_of, other_org.token))["latest_version"] == 1
+    assert (await client.ok("models.get", model_of, org.token))["latest_version"] == 2
+    job = {"job_type": "personalization", "model_id": mlp_model["id"], "base_version": 2}
+    member_device = await register_device(client, other_org.token)
+    own_device = await register_device(client, org.token)
+    error = await client.error("training.device_jobs.create", job, member_device["token"])
+    assert error["data"]["type"] == "not_found"
+    assert (await client.ok("training.device_jobs.create", job, own_device["token"]))[
+        "base_version"
+    ] == 2
+    for method, params in (
+        ("models.versions.get", {"model_id": mlp_model["id"], "version": 2}),
+        ("models.versions.download", {"model_id": mlp_model["id"], "version": 2}),
+        ("training.create_round", {**new_round, "federation_id": fed["id"]}),
+    ):
+        assert (await client.error(method, params, other_org.token))["data"]["type"] == "not_found"
+
+    published = await client.ok(
+        "models.versions.publish", {"model_id": mlp_model["id"], "version": 2}, org.token
+    )
+    assert published == {**draft, "published": True}
+    assert (await client.ok("training.create_round", new_round, org.token))["base_version"] == 2
+    assert (
+        await client.ok(
+            "models.versions.get", {"model_id": mlp_model["id"], "version": 2}, other_org.token
+        )
+    )["published"] is True
+
+
+async def test_publish_must_be_a_boolean(client, org, mlp_model, mlp_bundle):
+    rnd, _, _ = await run_round(client, org, mlp_model, mlp_bundle[0], n=1)
+    error = await client.error(
+        "training.aggregate", {"round_id": rnd["id"], "publish": "yes"}, org.token
+    )
+    assert error["code"] == -32602 and error["data"]["path"] == "$.publish"
+    assert (await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token))[
+        "state"
+    ] == "running"
 
 
 @pytest.mark.parametrize("state", ["pending", "cancelled"])

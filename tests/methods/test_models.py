@@ -7,6 +7,7 @@ import io
 
 import aiohttp
 import numpy as np
+import psycopg
 import pytest
 import safetensors.numpy
 import torch
@@ -253,3 +254,59 @@ async def test_upload_size_is_bounded(client, org, settings):
         org.token,
     )
     assert error["data"]["type"] == "bad_request"
+
+
+def make_draft(database_url: str, model_id: str, version: int = 1) -> None:
+    """Arrange a draft directly (training.aggregate {publish: false} makes them in test_aggregate)."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE model_versions SET published = false WHERE model_id = %s AND version = %s",
+            (model_id, version),
+        )
+
+
+async def test_publish_makes_a_draft_public_and_replays_and_repeats_unchanged(
+    client, org, mlp_model, database_url
+):
+    make_draft(database_url, mlp_model["id"])
+    key = {"model_id": mlp_model["id"], "version": 1}
+    draft = await client.ok("models.versions.get", key, org.token)
+    assert draft["published"] is False
+    params = {**key, "idempotency_key": "publish-1"}
+    first = await client.ok("models.versions.publish", params, org.token)
+    assert first == {**draft, "published": True}
+    assert await client.ok("models.versions.publish", params, org.token) == first
+    assert await client.ok("models.versions.publish", key, org.token) == first
+    assert await client.ok("models.versions.get", key, org.token) == first
+    error = await client.error("models.versions.publish", {**params, "version": 2}, org.token)
+    assert error["data"]["type"] == "conflict"
+
+
+async def test_only_the_owning_org_publishes(client, org, other_org, mlp_model, database_url):
+    make_draft(database_url, mlp_model["id"])
+    key = {"model_id": mlp_model["id"], "version": 1}
+    device = await register_device(client, org.token)
+    for token in (other_org.token, device["token"]):
+        error = await client.error("models.versions.publish", key, token)
+        assert error["data"]["type"] == "forbidden"
+    assert (await client.ok("models.versions.get", key, org.token))["published"] is False
+
+
+async def test_publishing_an_unknown_version_or_model_is_not_found(client, org, mlp_model):
+    for params in (
+        {"model_id": mlp_model["id"], "version": 2},
+        {"model_id": "mdl_" + "a" * 32, "version": 1},
+    ):
+        error = await client.error("models.versions.publish", params, org.token)
+        assert error["data"]["type"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("params", "path"),
+    [({"version": "1"}, "$.version"), ({"version": 0}, "$.version"), ({"published": True}, "$")],
+)
+async def test_publish_params_are_validated(client, org, mlp_model, params, path):
+    error = await client.error(
+        "models.versions.publish", {"model_id": mlp_model["id"], "version": 1, **params}, org.token
+    )
+    assert error["code"] == -32602 and error["data"]["path"] == path, error
