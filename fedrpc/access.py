@@ -16,15 +16,19 @@ from schemas.models import Model
 from schemas.training import Round
 
 
-async def model_for_reading(ctx: Context, model_id: str) -> Model:
-    """The model, if the caller's organization (or one of its devices) may read it."""
-    model = await ctx.db.get(
+async def _find_model(ctx: Context, model_id: str) -> Model:
+    return await ctx.db.get(
         "models.find_model",
         Model,
         model_id=model_id,
         reader_org_id=ctx.org_id,
         missing="no model with this id",
     )
+
+
+async def model_for_reading(ctx: Context, model_id: str) -> Model:
+    """The model, if the caller's organization (or one of its devices) may read it."""
+    model = await _find_model(ctx, model_id)
     if model.org_id != ctx.org_id and not await ctx.db.value(
         "federations.models.find_member_share", model_id=model_id, org_id=ctx.org_id
     ):
@@ -34,13 +38,7 @@ async def model_for_reading(ctx: Context, model_id: str) -> Model:
 
 async def model_for_writing(ctx: Context, model_id: str) -> Model:
     """The model, if the caller is the organization that owns it."""
-    model = await ctx.db.get(
-        "models.find_model",
-        Model,
-        model_id=model_id,
-        reader_org_id=ctx.org_id,
-        missing="no model with this id",
-    )
+    model = await _find_model(ctx, model_id)
     if model.org_id != ctx.org_id or ctx.principal.kind != "org":
         raise Forbidden("the organization does not own this model")
     return model

@@ -101,7 +101,11 @@ async def publish_version(
             if along_with is not None:
                 await along_with(tx, version)
             return await tx.get(
-                "models.versions.get_version", ModelVersion, model_id=model_id, version=version
+                "models.versions.get_version",
+                ModelVersion,
+                model_id=model_id,
+                version=version,
+                with_drafts=True,
             )
     except BaseException:
         await storage.delete_quietly([obj.key for _, obj in stored])

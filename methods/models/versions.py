@@ -87,7 +87,7 @@ async def get(ctx: Context, p: GetParams) -> ModelVersion:
     """One version (the latest when none is named); drafts only for the owning organization."""
     model = await model_for_reading(ctx, p.model_id)
     return await ctx.db.get(
-        "models.versions.get_visible_version",
+        "models.versions.get_version",
         ModelVersion,
         model_id=p.model_id,
         version=p.version,
@@ -103,7 +103,7 @@ async def publish(ctx: Context, p: PublishParams) -> ModelVersion:
     key = {"model_id": p.model_id, "version": p.version}
     if await ctx.db.value("models.versions.update_version_published", **key) is None:
         raise NotFound("no such version of this model")
-    return await ctx.db.get("models.versions.get_version", ModelVersion, **key)
+    return await ctx.db.get("models.versions.get_version", ModelVersion, **key, with_drafts=True)
 
 
 @rpc_method(ORG_OR_DEVICE)

@@ -41,7 +41,11 @@ async def require_federation(ctx: Context, model: Model, federation_id: str) -> 
 async def latest_manifest(ctx: Context, p: UpdateParams) -> list[TensorSpec]:
     """The latest version's manifest; every head layer must be one of its tensors."""
     version = await ctx.db.maybe(
-        "models.versions.get_version", ModelVersion, model_id=p.model_id, version=None
+        "models.versions.get_version",
+        ModelVersion,
+        model_id=p.model_id,
+        version=None,
+        with_drafts=True,
     )
     if version is None:
         raise PreconditionFailed(

@@ -18,16 +18,6 @@ INSERT INTO model_artifacts (model_id, version, kind, object_key, sha256, size_b
 VALUES (%(model_id)s, %(version)s, %(kind)s, %(object_key)s, %(sha256)s, %(size_bytes)s);
 
 -- name: get_version
--- One version with its artifacts' digests (not their keys), drafts included.
-SELECT v.model_id, v.version, v.parent_version, v.round_id, v.strategy, v.num_updates,
-       v.total_samples, v.metrics, v.manifest, v.input_shape, v.description, v.created_at,
-       v.artifacts, v.published
-FROM model_version_details AS v
-WHERE v.model_id = %(model_id)s
-  AND v.version = coalesce(%(version)s::integer,
-                           (SELECT max(version) FROM model_versions WHERE model_id = %(model_id)s));
-
--- name: get_visible_version
 -- One version a reader may see (drafts only with_drafts; the latest visible when version is null).
 SELECT v.model_id, v.version, v.parent_version, v.round_id, v.strategy, v.num_updates,
        v.total_samples, v.metrics, v.manifest, v.input_shape, v.description, v.created_at,
