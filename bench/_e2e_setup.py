@@ -169,9 +169,8 @@ async def stack(pg_url: str, s3) -> AsyncIterator[Stack]:
     from aiohttp import web
 
     from fedrpc.admin import create_org
-    from fedrpc.app import create_app
+    from fedrpc.app import SERVICES, create_app
     from fedrpc.db import migrate
-    from fedrpc.rpc import SERVICES
     from fedrpc.settings import Settings
 
     await migrate(pg_url)

@@ -14,7 +14,7 @@ from fedrpc.db import Database, load_queries, open_pool, set_json_codec
 from fedrpc.observability import Metrics
 from fedrpc.openrpc import build_document
 from fedrpc.registry import Registry
-from fedrpc.rpc import METRICS, SERVICES, handle_rpc
+from fedrpc.rpc import RpcEndpoint
 from fedrpc.settings import Settings
 from fedrpc.storage import Storage
 from fedrpc.tasks import run_periodically
@@ -24,6 +24,9 @@ REGISTRY = web.AppKey("registry", Registry)
 DATABASE = web.AppKey("db", Database)
 STORAGE = web.AppKey("storage", Storage)
 OPENRPC = web.AppKey("openrpc", bytes)
+METRICS = web.AppKey("metrics", Metrics)
+SERVICES = web.AppKey("services", Services)
+ENDPOINT = web.AppKey("endpoint", RpcEndpoint)
 
 
 def create_app(settings: Settings, registry: Registry | None = None) -> web.Application:
@@ -33,11 +36,12 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     app[SETTINGS] = settings
     app[REGISTRY] = registry or Registry.from_package()
     app[METRICS] = Metrics()
+    app[ENDPOINT] = endpoint = RpcEndpoint()
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_services)
     app.cleanup_ctx.append(_background)
-    app.router.add_post("/rpc", handle_rpc)
+    app.router.add_post("/rpc", endpoint.handle)
     app.router.add_get("/openrpc.json", _openrpc)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -74,14 +78,14 @@ async def _storage(app: web.Application):
 
 async def _services(app: web.Application):
     s: Settings = app[SETTINGS]
-    limiter = RateLimiter(s.rate_limit_per_second, s.rate_limit_burst)
-    app[SERVICES] = Services(
+    app[SERVICES] = app[ENDPOINT].services = Services(
         s,
         app[DATABASE],
         app[STORAGE],
         Authenticator(app[DATABASE], s.auth_cache_seconds),
         app[REGISTRY],
-        {"limiter": limiter},
+        RateLimiter(s.rate_limit_per_second, s.rate_limit_burst),
+        app[METRICS],
     )
     app[OPENRPC] = msgspec.json.encode(build_document(app[REGISTRY]))
     yield

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fedrpc.auth import Authenticator, Principal
+import msgspec
+
+from fedrpc.auth import Authenticator, Principal, RateLimiter
 from fedrpc.db import Database
 from fedrpc.errors import Forbidden
 from fedrpc.settings import Settings
 from fedrpc.storage import Storage
 
 if TYPE_CHECKING:
+    from fedrpc.observability import Metrics
     from fedrpc.registry import Registry
 
 
@@ -24,11 +27,13 @@ class Services:
     storage: Storage
     auth: Authenticator
     registry: Registry
-    extras: dict[str, Any]
+    limiter: RateLimiter
+    metrics: Metrics
 
 
-@dataclass(slots=True)
-class Context:
+class Context(msgspec.Struct):
+    """What a handler receives besides its params (a Struct: built in C, once per call)."""
+
     services: Services
     principal: Principal
     request_id: str

@@ -41,25 +41,29 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        # (method, outcome) -> [count, created]; method -> [count per bucket..., +Inf, sum, created];
-        # error type -> [count, created].
-        self._calls: dict[tuple[str, str], list[float]] = {}
+        # (method, outcome) -> [count, created, the method's latency list];
+        # method -> [count per bucket..., +Inf, sum, created]; error type -> [count, created].
+        self._calls: dict[tuple[str, str], list] = {}
         self._latency: dict[str, list[float]] = {}
         self._errors: dict[str, list[float]] = {}
         self.registry.register(self)
 
     def observe(self, method: str, outcome: str, seconds: float) -> None:
-        calls = self._calls.get((method, outcome))
+        calls = self._calls.get((method, outcome))  # one lookup per call
         if calls is None:
-            calls = self._calls[method, outcome] = [0, time.time()]
+            calls = self._calls[method, outcome] = [0, time.time(), self._latency_of(method)]
         calls[0] += 1
-        latency = self._latency.get(method)
-        if latency is None:
-            latency = self._latency[method] = [0] * (len(LATENCY_BUCKETS) + 2) + [time.time()]
+        latency = calls[2]
         latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         latency[-2] += seconds
         if outcome != "ok":
             self.error(outcome)
+
+    def _latency_of(self, method: str) -> list[float]:
+        latency = self._latency.get(method)
+        if latency is None:
+            latency = self._latency[method] = [0] * (len(LATENCY_BUCKETS) + 2) + [time.time()]
+        return latency
 
     def error(self, type_: str) -> None:
         errors = self._errors.get(type_)
@@ -71,7 +75,7 @@ class Metrics:
         calls = CounterMetricFamily(
             "fedrpc_calls", "RPC calls by method and outcome", labels=["method", "outcome"]
         )
-        for (method, outcome), (count, created) in list(self._calls.items()):
+        for (method, outcome), (count, created, _) in list(self._calls.items()):
             calls.add_metric([method, outcome], count, created)
         latency = HistogramMetricFamily(
             "fedrpc_call_seconds", "RPC call latency by method", labels=["method"]
@@ -153,6 +157,9 @@ class _CallLine(msgspec.Struct, omit_defaults=True):
     code: int | None = None
 
 
+#: A call waiting to be written: (time.time(), method, principal, seconds, request_id, outcome, code).
+PendingCall = tuple[float, str, str, float, str, str, "int | None"]
+
 _encode_call_lines = msgspec.json.Encoder().encode_lines
 
 
@@ -162,23 +169,32 @@ FLUSH_DELAY_SECONDS = 0.05
 
 
 class JsonLineHandler(logging.StreamHandler):
-    """Writes one line per record; lines logged on the event loop go out in batches.
+    """Writes one line per record, in batches.
 
-    A line logged from a coroutine waits in memory for at most
-    :data:`FLUSH_DELAY_SECONDS`, then every waiting line is written at once:
-    one system call serves hundreds of calls under load. (Writing once per
-    loop iteration instead cost about 5 us of a ~120 us ``system.ping``,
-    measured with wrk.) A line logged outside a running loop, a full buffer (256
-    lines), and ``flush()`` (which ``logging.shutdown`` calls at exit) write
-    what is waiting at once.
+    A line waits in memory until a flush armed by the first line of its batch
+    runs on the event loop, :data:`FLUSH_DELAY_SECONDS` later; then every
+    waiting line is written at once: one system call serves hundreds of calls
+    under load. (Writing once per loop iteration instead cost about 5 us of a
+    ~120 us ``system.ping``, measured with wrk.) A full buffer (256 lines), a
+    line logged with no flush armed and no running loop (a command-line tool, a
+    worker thread between batches), a line logged when the armed flush is
+    overdue (its loop stopped), and ``flush()`` (which ``logging.shutdown``
+    calls at exit) write what is waiting at once.
+
+    Call lines wait as plain tuples and are formatted when they are written,
+    many in one go: formatting each one inside its request cost several
+    microseconds more, most of it cache misses on a path that runs once per
+    request. For the same reason a line does not look the running loop up
+    (``asyncio.get_running_loop`` makes a ``getpid`` system call): only the
+    first line of a batch does.
     """
 
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream)
-        # Formatted lines, and call lines still as Structs: those are encoded together
-        # at flush time, in one encode_lines per run of them.
-        self._pending: list[str | _CallLine] = []
-        self._flush_on: asyncio.AbstractEventLoop | None = None
+        # Formatted lines (str), and calls still as tuples (see queue).
+        self._pending: list[str | PendingCall] = []
+        # 0.0 when no flush is armed, else the time.time() by which the armed one is overdue.
+        self._flush_due = 0.0
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -188,26 +204,41 @@ class JsonLineHandler(logging.StreamHandler):
         except Exception:
             self.handleError(record)
 
-    def write_line(self, line: str | _CallLine) -> None:
-        """Queue one line (formatted, without its newline, or a call's) as :meth:`emit` does."""
-        with self.lock:  # type: ignore[union-attr]  # worker threads log too
-            self._pending.append(line + "\n" if type(line) is str else line)
+    def write_line(self, line: str) -> None:
+        """Queue one formatted line, without its newline, as :meth:`emit` does."""
+        self.queue(line + "\n", time.time())
+
+    def queue(self, item: str | PendingCall, now: float) -> None:
+        """Queue a formatted line (with its newline) or a call, to be formatted as
+        JsonFormatter would a CallRecord; ``now`` is ``time.time()``."""
+        lock = self.lock
+        lock.acquire()  # type: ignore[union-attr]  # worker threads log too; `with` costs more
+        try:
+            self._pending.append(item)
             pending = len(self._pending)
+        finally:
+            lock.release()  # type: ignore[union-attr]
+        if pending >= _MAX_PENDING_LINES or now > self._flush_due:
+            self._write_soon(pending, now)
+
+    def _write_soon(self, pending: int, now: float) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self.flush()
+            loop = None
+        if loop is None or pending >= _MAX_PENDING_LINES or self._flush_due:
+            self.flush()  # no loop to wait on, a full buffer, or an armed flush that never ran
             return
-        if pending >= _MAX_PENDING_LINES:
-            self.flush()
-        elif self._flush_on is not loop:  # one flush pending per loop
-            self._flush_on = loop
-            loop.call_later(FLUSH_DELAY_SECONDS, self._flush_soon)
+        self._flush_due = now + 2 * FLUSH_DELAY_SECONDS
+        loop.call_later(FLUSH_DELAY_SECONDS, self._flush_soon)
 
     def flush(self) -> None:
+        global _call_sink
         with self.lock:  # type: ignore[union-attr]  # logging.Handler always creates its lock
-            self._flush_on = None
-            lines, self._pending = _joined(self._pending), []
+            if _call_sink is self:
+                _call_sink = None  # look the set-up up again for the next batch
+            self._flush_due = 0.0
+            lines, self._pending = self._joined(self._pending), []
             if self.stream and hasattr(self.stream, "flush"):
                 if lines:
                     self.stream.write(lines)
@@ -223,21 +254,45 @@ class JsonLineHandler(logging.StreamHandler):
         except Exception:
             self.handleError(logging.makeLogRecord({"msg": "(buffered log lines)"}))
 
+    def _joined(self, pending: list[str | PendingCall]) -> str:
+        parts: list[str] = []
+        run: list[_CallLine] = []
+        second, ts = -1, ""
+        for item in pending:
+            if type(item) is str:
+                if run:
+                    parts.append(_encode_call_lines(run).decode())
+                    run = []
+                parts.append(item)
+                continue
+            created, method, principal, seconds, request_id, outcome, code = item
+            if int(created) != second:  # ts changes once a second: no call per line
+                second, ts = int(created), _CALL_STAMPS.stamp(created)
+            run.append(
+                _CallLine(
+                    ts,
+                    "info",
+                    "fedrpc.calls",
+                    "rpc.call",
+                    method,
+                    principal,
+                    int(seconds * 1_000_000 + 0.5) / 1000,  # as _milliseconds(seconds)
+                    request_id,
+                    outcome,
+                    code,
+                )
+            )
+        if run:
+            parts.append(_encode_call_lines(run).decode())
+        return "".join(parts)
 
-def _joined(pending: list[str | _CallLine]) -> str:
-    parts: list[str] = []
-    run: list[_CallLine] = []
-    for item in pending:
-        if type(item) is str:
-            if run:
-                parts.append(_encode_call_lines(run).decode())
-                run = []
-            parts.append(item)
-        else:
-            run.append(item)
-    if run:
-        parts.append(_encode_call_lines(run).decode())
-    return "".join(parts)
+
+_CALL_STAMPS = JsonFormatter()  # its per-second cache of ts strings
+
+
+def _milliseconds(seconds: float) -> float:
+    # Whole microseconds as milliseconds: k / 1000 prints as k's digits (round() is 4x slower).
+    return int(seconds * 1_000_000 + 0.5) / 1000
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -307,34 +362,19 @@ def log_call(
     method: str, principal: str, seconds: float, request_id: str, outcome: str, code: int | None
 ) -> None:
     """Log the one line of a call (logger ``fedrpc.calls``, message ``rpc.call``)."""
-    if not call_log.isEnabledFor(logging.INFO):
-        return
-    # Whole microseconds as milliseconds: k / 1000 prints as k's digits (round() is 4x slower).
-    duration_ms = int(seconds * 1_000_000 + 0.5) / 1000
-    handler = _sole_handler()
+    handler = _call_sink or _find_call_sink()
     if handler is not None:
-        # The line the handler would format from a record, as a Struct the handler
-        # encodes with the others when it writes: a record and its trip through
-        # logging cost about as much as a ping, encoding line by line a tenth.
-        formatter: JsonFormatter = handler.formatter  # type: ignore[assignment]
-        line = _CallLine(
-            formatter.stamp(time.time()),
-            "info",
-            "fedrpc.calls",
-            "rpc.call",
-            method,
-            principal,
-            duration_ms,
-            request_id,
-            outcome,
-            code,
-        )
-        handler.write_line(line)
+        # The handler formats the line when it writes it, as it would have from a record:
+        # a record and its trip through logging cost about as much as a ping.
+        now = time.time()
+        handler.queue((now, method, principal, seconds, request_id, outcome, code), now)
+        return
+    if not call_log.isEnabledFor(logging.INFO):
         return
     fields = {
         "method": method,
         "principal": principal,
-        "duration_ms": duration_ms,
+        "duration_ms": _milliseconds(seconds),
         "request_id": request_id,
         "outcome": outcome,
     }
@@ -343,12 +383,24 @@ def log_call(
     call_log.handle(CallRecord(fields))
 
 
-def _sole_handler() -> JsonLineHandler | None:
+#: The handler found by :func:`_find_call_sink`, trusted until it next writes its lines.
+_call_sink: JsonLineHandler | None = None
+
+
+def _find_call_sink() -> JsonLineHandler | None:
     """The JsonLineHandler that alone receives the call records, unfiltered, if that is the set-up.
 
     That is the set-up :func:`configure_logging` makes; anything else (a test's
     capture handler, a filter) takes the standard path through ``Logger.handle``.
+    The answer is kept until that handler next writes its lines (at most
+    :data:`FLUSH_DELAY_SECONDS` later): looking it up again for every call
+    touched a dozen objects that are rarely in the cache, about 2 us of a ping.
+    So a change to logging's levels, handlers or filters reaches call lines
+    from the next batch on.
     """
+    global _call_sink
+    if not call_log.isEnabledFor(logging.INFO):
+        return None
     found = None
     logger: logging.Logger | None = call_log
     while logger is not None:
@@ -367,4 +419,5 @@ def _sole_handler() -> JsonLineHandler | None:
         if not logger.propagate:
             break
         logger = logger.parent
+    _call_sink = found
     return found

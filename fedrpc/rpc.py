@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
+import random
 import re
 import time
 import warnings
@@ -43,7 +43,7 @@ from fedrpc.errors import (
     protocol_error_object,
 )
 from fedrpc.fl import InvalidInput
-from fedrpc.observability import Metrics, log_call
+from fedrpc.observability import log_call
 from fedrpc.registry import MethodSpec
 
 with warnings.catch_warnings():
@@ -51,11 +51,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from jsonrpcserver.async_dispatcher import call as jsonrpc_call
     from jsonrpcserver.request import Request as JsonRpcRequest
-    from jsonrpcserver.result import Error, Success, SuccessResult
+    from jsonrpcserver.result import Error, Right, SuccessResult
 
 log = logging.getLogger("fedrpc.rpc")
-SERVICES = web.AppKey("services", Services)
-METRICS = web.AppKey("metrics", Metrics)
 UNSET = msgspec.UNSET
 
 
@@ -73,53 +71,46 @@ _member_decoder = msgspec.json.Decoder(Envelope)
 _encode = msgspec.json.Encoder().encode
 _PATH = re.compile(r" - at (?:`key` in )?`(\$[^`]*)`$")
 _JSON = "application/json"
+_random_bits = random.getrandbits
 
 
 def _first_byte(raw: msgspec.Raw) -> bytes:
     return bytes(memoryview(raw)[:1])
 
 
-class Call:
-    """One request object on its way through dispatch."""
+class Call(msgspec.Struct):
+    """One request object on its way through dispatch (a Struct: built in C, once per call)."""
 
-    __slots__ = ("env", "spec", "error")
-
-    def __init__(self, env: Envelope | None, error: dict | None = None) -> None:
-        self.env = env
-        self.spec: MethodSpec | None = None
-        self.error = error
-
-    @property
-    def id(self) -> Any:
-        return None if self.env is None or self.env.id is UNSET else self.env.id
-
-    @property
-    def is_notification(self) -> bool:
-        # A well-formed request without an id gets no answer, even when it fails.
-        return self.env is not None and self.env.id is UNSET and not self.malformed
+    env: Envelope | None
+    error: dict | None = None
+    spec: MethodSpec | None = None
+    positional: bool = False  # params given as an array
 
     @property
     def malformed(self) -> bool:
         return self.error is not None and self.error["code"] == INVALID_REQUEST
 
 
-def _check(env: Envelope, services: Services, request_id: str) -> Call:
+_ID_TYPES = (str, int, float, type(None))
+
+
+def _check(env: Envelope, methods: dict[str, MethodSpec], request_id: str) -> Call:
     call = Call(env)
-    bad_id = env.id is not UNSET and (
-        isinstance(env.id, bool) or not isinstance(env.id, str | int | float | None)
-    )
+    bad_id = env.id is not UNSET and (isinstance(env.id, bool) or not isinstance(env.id, _ID_TYPES))
     if bad_id:
         env.id = None
+    first = _first_byte(env.params) if env.params is not UNSET else b"{"
     if env.jsonrpc != "2.0" or not isinstance(env.method, str) or bad_id:
         call.error = protocol_error_object(
             INVALID_REQUEST, request_id, "not a JSON-RPC 2.0 request object"
         )
-    elif env.params is not UNSET and _first_byte(env.params) not in (b"{", b"["):
+    elif first not in (b"{", b"["):
         call.error = protocol_error_object(
             INVALID_REQUEST, request_id, "params must be an object or an array"
         )
     else:
-        call.spec = services.registry.get(env.method)
+        call.positional = first == b"["
+        call.spec = methods.get(env.method)
         if call.spec is None:
             call.error = protocol_error_object(
                 METHOD_NOT_FOUND, request_id, f"no method named {env.method[:100]!r}"
@@ -141,8 +132,9 @@ def _parse(body: bytes, services: Services, request_id: str) -> tuple[list[Call]
         return protocol_error_object(
             PARSE_ERROR, request_id, "the body nests arrays or objects too deeply"
         )
+    methods = services.registry.methods
     if isinstance(decoded, Envelope):
-        return [_check(decoded, services, request_id)], False
+        return [_check(decoded, methods, request_id)], False
     if not decoded:
         return protocol_error_object(INVALID_REQUEST, request_id, "an empty batch is not a request")
     if len(decoded) > services.settings.max_batch:
@@ -152,7 +144,7 @@ def _parse(body: bytes, services: Services, request_id: str) -> tuple[list[Call]
     calls = []
     for raw in decoded:
         try:
-            calls.append(_check(_member_decoder.decode(raw), services, request_id))
+            calls.append(_check(_member_decoder.decode(raw), methods, request_id))
         except (msgspec.DecodeError, RecursionError):
             calls.append(
                 Call(
@@ -173,10 +165,10 @@ class AppErrorBox(dict):
         self.exc = exc
 
 
-def decode_params(spec: MethodSpec, raw: msgspec.Raw | Any) -> Any:
+def decode_params(spec: MethodSpec, raw: msgspec.Raw | Any, positional: bool) -> Any:
     if raw is UNSET:
         return spec.decoder.decode(b"{}")
-    if _first_byte(raw) == b"[":
+    if positional:
         values = msgspec.json.decode(raw)
         names = [f.encode_name for f in msgspec.structs.fields(spec.params_type)]
         if len(values) > len(names):
@@ -205,7 +197,7 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
         if not spec.public and ctx.principal.kind not in spec.kinds:
             raise Forbidden(f"a {ctx.principal.kind} may not call {spec.name}")
         try:
-            params = decode_params(spec, call.env.params)
+            params = decode_params(spec, call.env.params, call.positional)
         except msgspec.ValidationError as exc:
             text = str(exc)
             match = _PATH.search(text)
@@ -224,8 +216,9 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
                 )
             )
         if spec.idempotent and params.idempotency_key is not None:
-            return Success(msgspec.Raw(await _run_once(ctx, spec, params)))
-        return Success(msgspec.Raw(_encode(await spec.handler(ctx, params))))
+            return Right(SuccessResult(msgspec.Raw(await _run_once(ctx, spec, params))))
+        # What jsonrpcserver's Success() builds, without its extra call.
+        return Right(SuccessResult(msgspec.Raw(_encode(await spec.handler(ctx, params)))))
     except AppError as exc:
         return Error(**app_error_object(exc, request_id))
     except InvalidInput as exc:
@@ -240,12 +233,7 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
 
 
 async def _dispatch(
-    services: Services,
-    principal: Principal | None,
-    who: str,
-    call: Call,
-    request_id: str,
-    metrics: Metrics,
+    services: Services, principal: Principal | None, who: str, call: Call, request_id: str
 ) -> bytes | None:
     started = time.perf_counter()
     env, spec, error = call.env, call.spec, call.error
@@ -272,12 +260,14 @@ async def _dispatch(
         body = _encode({"jsonrpc": "2.0", "error": error, "id": id_})
     duration = time.perf_counter() - started
     if error is None:
-        metrics.observe(name, "ok", duration)
+        services.metrics.observe(name, "ok", duration)
         log_call(name, who, duration, request_id, "ok", None)
     else:
-        metrics.observe(name, error["data"]["type"], duration)
+        services.metrics.observe(name, error["data"]["type"], duration)
         log_call(name, who, duration, request_id, error["data"]["type"], error["code"])
-    return None if call.is_notification else body
+    if env is not None and env.id is UNSET and not call.malformed:
+        return None  # a notification: a well-formed request without an id, even a failed one
+    return body
 
 
 def _error_response(
@@ -287,52 +277,75 @@ def _error_response(
     return web.Response(body=body, status=status, content_type=_JSON, headers=headers)
 
 
-async def handle_rpc(request: web.Request) -> web.Response:
-    app = request.app
-    services: Services = app[SERVICES]
-    metrics: Metrics = app[METRICS]
-    request_id = os.urandom(8).hex()  # secrets.token_hex(8) without its two Python calls
-    headers = {"X-Request-Id": request_id}
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        exc = PayloadTooLarge(f"the request body exceeds {services.settings.max_body_bytes} bytes")
-        return _error_response(413, app_error_object(exc, request_id), headers)
-    parsed = _parse(body, services, request_id)
-    if isinstance(parsed, AppErrorBox):
-        return _error_response(200, app_error_object(parsed.exc, request_id), headers)
-    if isinstance(parsed, dict):
-        return _error_response(200, parsed, headers)
-    calls, is_batch = parsed
-    header = request.headers.get("Authorization")
-    principal = services.auth.cached(header)  # the common case, without a coroutine
-    if principal is None:
+class RpcEndpoint:
+    """``POST /rpc``. The app's start-up gives it the services (they are made on the loop)."""
+
+    def __init__(self) -> None:
+        self.services: Services | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        services = self.services
+        assert services is not None, "the app has not started"
+        # A correlation id, not a secret: drawn from `random` (seeded from the OS at start-up
+        # and after a fork), because os.urandom costs a system call per request.
+        request_id = f"{_random_bits(64):016x}"
+        headers = {"X-Request-Id": request_id}
         try:
-            principal = await services.auth.authenticate(header)
-            if principal is None and any(c.spec and not c.spec.public for c in calls):
-                raise Unauthorized("this method needs 'Authorization: Bearer <token>'")
-        except Unauthorized as exc:
-            metrics.error("unauthorized")
-            return _error_response(
-                401, app_error_object(exc, request_id), {**headers, "WWW-Authenticate": "Bearer"}
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            exc = PayloadTooLarge(
+                f"the request body exceeds {services.settings.max_body_bytes} bytes"
             )
-    who = principal.label if principal else f"ip:{request.remote}"
-    wait = services.extras["limiter"].take(who, float(len(calls)))
-    if wait > 0:
-        retry_after = math.ceil(wait)
-        metrics.error("rate_limited")
-        exc = RateLimited("too many calls; retry later", retry_after=retry_after)
-        return _error_response(
-            429, app_error_object(exc, request_id), {**headers, "Retry-After": str(retry_after)}
-        )
-    label = who if principal else "anonymous"
-    if not is_batch:
-        payload = await _dispatch(services, principal, label, calls[0], request_id, metrics)
-        if payload is None:
+            return _error_response(413, app_error_object(exc, request_id), headers)
+        parsed = _parse(body, services, request_id)
+        if isinstance(parsed, AppErrorBox):
+            return _error_response(200, app_error_object(parsed.exc, request_id), headers)
+        if isinstance(parsed, dict):
+            return _error_response(200, parsed, headers)
+        calls, is_batch = parsed
+        header = request.headers.get("Authorization")
+        principal = services.auth.cached(header)  # the common case, without a coroutine
+        if principal is None:
+            try:
+                principal = await _authenticate(services, header, calls)
+            except Unauthorized as exc:
+                services.metrics.error("unauthorized")
+                www = {**headers, "WWW-Authenticate": "Bearer"}
+                return _error_response(401, app_error_object(exc, request_id), www)
+        who = principal.label if principal else f"ip:{request.remote}"
+        wait = services.limiter.take(who, len(calls))
+        if wait > 0:
+            return _rate_limited(services, wait, request_id, headers)
+        label = who if principal else "anonymous"
+        if not is_batch:
+            payload = await _dispatch(services, principal, label, calls[0], request_id)
+            if payload is None:
+                return web.Response(status=204, headers=headers)
+            return web.Response(body=payload, content_type=_JSON, headers=headers)
+        bodies = [await _dispatch(services, principal, label, c, request_id) for c in calls]
+        answers = [b for b in bodies if b is not None]
+        if not answers:
             return web.Response(status=204, headers=headers)
-        return web.Response(body=payload, content_type=_JSON, headers=headers)
-    bodies = [await _dispatch(services, principal, label, c, request_id, metrics) for c in calls]
-    answers = [b for b in bodies if b is not None]
-    if not answers:
-        return web.Response(status=204, headers=headers)
-    return web.Response(body=b"[" + b",".join(answers) + b"]", content_type=_JSON, headers=headers)
+        return web.Response(
+            body=b"[" + b",".join(answers) + b"]", content_type=_JSON, headers=headers
+        )
+
+
+async def _authenticate(
+    services: Services, header: str | None, calls: list[Call]
+) -> Principal | None:
+    """The caller of a header not in the auth cache, or None for an anonymous call."""
+    principal = await services.auth.authenticate(header)
+    if principal is None and any(c.spec and not c.spec.public for c in calls):
+        raise Unauthorized("this method needs 'Authorization: Bearer <token>'")
+    return principal
+
+
+def _rate_limited(
+    services: Services, wait: float, request_id: str, headers: dict[str, str]
+) -> web.Response:
+    retry_after = math.ceil(wait)
+    services.metrics.error("rate_limited")
+    exc = RateLimited("too many calls; retry later", retry_after=retry_after)
+    headers = {**headers, "Retry-After": str(retry_after)}
+    return _error_response(429, app_error_object(exc, request_id), headers)

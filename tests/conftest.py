@@ -119,7 +119,7 @@ class OrgHandle:
 @pytest.fixture
 def make_org(client: RpcClient):
     from fedrpc.admin import create_org
-    from fedrpc.rpc import SERVICES
+    from fedrpc.app import SERVICES
 
     async def make(name: str | None = None) -> OrgHandle:
         org, token = await create_org(

@@ -270,7 +270,7 @@ async def test_rate_limit_answers_429_with_retry_after(aiohttp_client, settings,
     tight = msgspec.structs.replace(settings, rate_limit_per_second=0.5, rate_limit_burst=3)
     client = RpcClient(await aiohttp_client(create_app(tight)))
     from fedrpc.admin import create_org
-    from fedrpc.rpc import SERVICES
+    from fedrpc.app import SERVICES
 
     _, token = await create_org(client.app[SERVICES].db, "limited")
     statuses = []

@@ -14,7 +14,7 @@ import safetensors.numpy
 import torch
 from minio import Minio
 
-from fedrpc.rpc import SERVICES
+from fedrpc.app import SERVICES
 from fedrpc.tasks import aggregate_due_rounds
 from fedrpc.version_artifacts import TEMPLATES
 from tests.conftest import register_device

@@ -87,7 +87,7 @@ async def test_failed_call_does_not_burn_its_idempotency_key(client, org, other_
 async def test_stored_replays_are_purged_after_the_window(client, org, database_url):
     import psycopg
 
-    from fedrpc.rpc import SERVICES
+    from fedrpc.app import SERVICES
     from fedrpc.tasks import purge_idempotency_keys
 
     await client.ok("orgs.api_keys.create", {"name": "old", "idempotency_key": "k-old"}, org.token)

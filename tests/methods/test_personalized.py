@@ -629,8 +629,8 @@ async def test_list_gives_the_latest_state_per_device(
 async def test_a_row_that_cannot_be_written_leaves_no_object_behind(
     client, device, mlp_model, base_state, settings, monkeypatch
 ):
+    from fedrpc.app import SERVICES
     from fedrpc.db import Query
-    from fedrpc.rpc import SERVICES
 
     await client.ok(
         "training.personalized.update", params(mlp_model, shifted(base_state, 1.0)), device["token"]

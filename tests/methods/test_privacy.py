@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
+from fedrpc.app import SERVICES
 from fedrpc.errors import PrivacyBudgetExhausted
 from fedrpc.fl.privacy import RoundCharge
 from fedrpc.privacy_ledger import charge_round
-from fedrpc.rpc import SERVICES
 from tests.kernels.privacy_references import opacus_epsilon as reference_epsilon
 
 FED_ID_UNKNOWN = "fed_" + "3" * 32

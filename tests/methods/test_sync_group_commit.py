@@ -13,11 +13,11 @@ import psycopg
 import pytest
 
 import methods.devices
+from fedrpc.app import SERVICES
 from fedrpc.auth import Principal
 from fedrpc.context import Context
 from fedrpc.db import Database
 from fedrpc.errors import BadRequest
-from fedrpc.rpc import SERVICES
 from methods.devices import Heartbeat
 from schemas.devices import SyncParams, SyncResult
 from tests.conftest import DEVICE_DEFAULTS, register_device
