@@ -238,7 +238,7 @@ class JsonLineHandler(logging.StreamHandler):
             if _call_sink is self:
                 _call_sink = None  # look the set-up up again for the next batch
             self._flush_due = 0.0
-            lines, self._pending = self._joined(self._pending), []
+            lines, self._pending = _joined(self._pending), []
             if self.stream and hasattr(self.stream, "flush"):
                 if lines:
                     self.stream.write(lines)
@@ -254,37 +254,38 @@ class JsonLineHandler(logging.StreamHandler):
         except Exception:
             self.handleError(logging.makeLogRecord({"msg": "(buffered log lines)"}))
 
-    def _joined(self, pending: list[str | PendingCall]) -> str:
-        parts: list[str] = []
-        run: list[_CallLine] = []
-        second, ts = -1, ""
-        for item in pending:
-            if type(item) is str:
-                if run:
-                    parts.append(_encode_call_lines(run).decode())
-                    run = []
-                parts.append(item)
-                continue
-            created, method, principal, seconds, request_id, outcome, code = item
-            if int(created) != second:  # ts changes once a second: no call per line
-                second, ts = int(created), _CALL_STAMPS.stamp(created)
-            run.append(
-                _CallLine(
-                    ts,
-                    "info",
-                    "fedrpc.calls",
-                    "rpc.call",
-                    method,
-                    principal,
-                    int(seconds * 1_000_000 + 0.5) / 1000,  # as _milliseconds(seconds)
-                    request_id,
-                    outcome,
-                    code,
-                )
+
+def _joined(pending: list[str | PendingCall]) -> str:
+    parts: list[str] = []
+    run: list[_CallLine] = []
+    second, ts = -1, ""
+    for item in pending:
+        if type(item) is str:
+            if run:
+                parts.append(_encode_call_lines(run).decode())
+                run = []
+            parts.append(item)
+            continue
+        created, method, principal, seconds, request_id, outcome, code = item
+        if int(created) != second:  # ts changes once a second: no call per line
+            second, ts = int(created), _CALL_STAMPS.stamp(created)
+        run.append(
+            _CallLine(
+                ts,
+                "info",
+                "fedrpc.calls",
+                "rpc.call",
+                method,
+                principal,
+                int(seconds * 1_000_000 + 0.5) / 1000,  # as _milliseconds(seconds)
+                request_id,
+                outcome,
+                code,
             )
-        if run:
-            parts.append(_encode_call_lines(run).decode())
-        return "".join(parts)
+        )
+    if run:
+        parts.append(_encode_call_lines(run).decode())
+    return "".join(parts)
 
 
 _CALL_STAMPS = JsonFormatter()  # its per-second cache of ts strings
