@@ -450,10 +450,10 @@ PIECES = [
 def _probe(stack):
     from _e2e_setup import Probe
 
-    import fedrpc.aggregation as agg
-    import fedrpc.aggregation_compute as agg_compute
     import fedrpc.fl.aggregate as fl_agg
-    import fedrpc.version_artifacts as artifacts
+    import fedrpc.services.round_aggregation as agg
+    import fedrpc.services.update_loop as agg_compute
+    import fedrpc.services.version_artifacts as artifacts
     import methods.training
     from fedrpc.db import Database
     from fedrpc.storage import Storage
@@ -500,7 +500,7 @@ async def _e2e_rep(stack, n: int, rep: int, *, cold: bool = False) -> dict[str, 
     from this base (it re-exports once)."""
     import asyncio
 
-    from fedrpc.version_artifacts import TEMPLATES
+    from fedrpc.services.version_artifacts import TEMPLATES
 
     round_id, keys = await stack.ready_round(n, seed=n * 10 + rep)
     storage = stack.services.storage
@@ -639,7 +639,7 @@ def _e2e_report(
             "(ratios per round, then the median). The pieces are wall times around the server's "
             "own functions, summed over calls; a row starting with - is part of the wall time "
             "above it, and the pieces on prefetch threads run beside the kernel (up to "
-            "fedrpc.aggregation_compute.MAX_PREFETCH at a time), so they add up to more than the loop's "
+            "fedrpc.services.update_loop.MAX_PREFETCH at a time), so they add up to more than the loop's "
             "wall time. The new ONNX model and program are the base graph with the new values "
             "filled in and checked against the program (docs/model-artifacts.md); the server "
             "keeps that graph per base program. The last column is one round measured after the "

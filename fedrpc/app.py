@@ -11,7 +11,7 @@ from aiohttp import web
 from fedrpc.auth import Authenticator, RateLimiter
 from fedrpc.context import Services
 from fedrpc.db import Database, load_queries, open_pool, set_json_codec
-from fedrpc.observability import Metrics
+from fedrpc.metrics import Metrics
 from fedrpc.openrpc import build_document
 from fedrpc.registry import Registry
 from fedrpc.rpc import RpcEndpoint

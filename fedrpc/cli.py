@@ -70,8 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from fedrpc.app import create_app
+    from fedrpc.call_log import configure_logging
     from fedrpc.db import migrate
-    from fedrpc.observability import configure_logging
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     with ExitStack() as stack:

@@ -14,7 +14,7 @@ from fedrpc.settings import Settings
 from fedrpc.storage import Storage
 
 if TYPE_CHECKING:
-    from fedrpc.observability import Metrics
+    from fedrpc.metrics import Metrics
     from fedrpc.registry import Registry
 
 

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from fedrpc import idempotency
 from fedrpc.auth import Principal
+from fedrpc.call_log import log_call
 from fedrpc.context import Context, Services
 from fedrpc.errors import (
     INTERNAL_ERROR,
@@ -43,7 +44,6 @@ from fedrpc.errors import (
     protocol_error_object,
 )
 from fedrpc.fl import InvalidInput
-from fedrpc.observability import log_call
 from fedrpc.registry import MethodSpec
 
 with warnings.catch_warnings():

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fedrpc.aggregation import LEASE_SECONDS, aggregate_round
 from fedrpc.context import Services
 from fedrpc.errors import AppError, PreconditionFailed
+from fedrpc.services.round_aggregation import LEASE_SECONDS, aggregate_round
 
 log = logging.getLogger("fedrpc.tasks")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.errors import BadRequest
-from fedrpc.payloads import upload_key
 from fedrpc.registry import ORG_OR_DEVICE, rpc_method
+from fedrpc.services.payloads import upload_key
 from schemas.uploads import CreateParams, CreateResult
 
 

@@ -8,8 +8,8 @@ import io
 import json
 import logging
 
-from fedrpc import observability
-from fedrpc.observability import (
+from fedrpc import call_log
+from fedrpc.call_log import (
     FLUSH_DELAY_SECONDS,
     JsonFormatter,
     JsonLineHandler,
@@ -49,9 +49,9 @@ def test_a_line_without_a_loop_is_written_at_once():
 
 async def test_a_full_buffer_is_written_at_once():
     handler, stream = _handler()
-    for i in range(observability._MAX_PENDING_LINES):
+    for i in range(call_log._MAX_PENDING_LINES):
         handler.emit(_record(f"m{i}"))
-    assert len(_lines(stream)) == observability._MAX_PENDING_LINES
+    assert len(_lines(stream)) == call_log._MAX_PENDING_LINES
 
 
 def test_lines_left_by_a_closed_loop_go_out_with_the_next_line():
@@ -86,14 +86,14 @@ def sole_handler():
     calls.setLevel(logging.INFO)
     calls.propagate = False
     # A batch boundary: a sink chosen by an earlier test would be trusted until it flushes.
-    observability._call_sink = None
+    call_log._call_sink = None
     try:
         yield handler, stream
     finally:
         calls.handlers = handlers
         calls.setLevel(level)
         calls.propagate = propagate
-        observability._call_sink = None
+        call_log._call_sink = None
 
 
 async def test_call_lines_take_the_direct_route_and_keep_order():
@@ -101,7 +101,7 @@ async def test_call_lines_take_the_direct_route_and_keep_order():
         log_call("system.ping", "org:o", 0.0000172, "r1", "ok", None)
         handler.emit(_record("between"))
         log_call("orgs.get", "org:o", 0.0012345, "r2", "not_found", 1004)
-        assert observability._call_sink is handler
+        assert call_log._call_sink is handler
         handler.flush()
     lines = _lines(stream)
     assert [x["msg"] for x in lines] == ["rpc.call", "between", "rpc.call"]
@@ -120,4 +120,4 @@ async def test_a_handler_added_later_gets_call_lines_from_the_next_batch():
         other.flush()
     assert [x["request_id"] for x in _lines(stream)] == ["r1", "r2"]
     assert [x["request_id"] for x in _lines(other_stream)] == ["r2"]
-    assert observability._call_sink is None
+    assert call_log._call_sink is None

@@ -330,7 +330,7 @@ async def test_each_call_writes_one_json_log_line_without_secrets(client, org, r
     import io
     import logging
 
-    from fedrpc.observability import JsonFormatter, JsonLineHandler
+    from fedrpc.call_log import JsonFormatter, JsonLineHandler
 
     stream = io.StringIO()
     handler = JsonLineHandler(stream)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fedrpc.access import federation_for_member, federation_for_owner, federation_role
 from fedrpc.auth import new_id, require_org
 from fedrpc.context import Context
 from fedrpc.errors import Forbidden, NotFound
 from fedrpc.registry import ORG, rpc_method
+from fedrpc.services.policy import federation_for_member, federation_for_owner, federation_role
 from schemas.federations import (
     CreateParams,
     Federation,

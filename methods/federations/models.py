@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fedrpc.access import federation_for_member, federation_for_owner, model_for_writing
 from fedrpc.context import Context
 from fedrpc.registry import ORG, rpc_method
+from fedrpc.services.policy import federation_for_member, federation_for_owner, model_for_writing
 from schemas.federations.models import ListParams, ListResult, SharedModel, ShareParams
 
 

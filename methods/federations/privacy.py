@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fedrpc.access import federation_for_member, federation_for_owner
 from fedrpc.context import Context
 from fedrpc.fl.privacy import RoundCharge
-from fedrpc.privacy_ledger import DEFAULT_DELTA, price, spent
 from fedrpc.registry import ORG, rpc_method
+from fedrpc.services.policy import federation_for_member, federation_for_owner
+from fedrpc.services.privacy_budget import DEFAULT_DELTA, price, spent
 from schemas.federations.privacy import (
     Budget,
     Estimate,

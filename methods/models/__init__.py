@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fedrpc.access import model_for_reading
 from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.db import constraint_message
 from fedrpc.registry import ORG, ORG_OR_DEVICE, rpc_method
+from fedrpc.services.policy import model_for_reading
 from schemas.models import CreateParams, GetParams, ListParams, ListResult, Model
 
 constraint_message("models_org_name_key", "the organization already has a model with this name")

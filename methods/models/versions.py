@@ -11,14 +11,14 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from fedrpc.access import model_for_reading, model_for_writing
 from fedrpc.context import Context
 from fedrpc.errors import NotFound
 from fedrpc.fl.artifacts import validate_bundle
 from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, encode_torch, manifest_to_json
-from fedrpc.payloads import payload_bytes
 from fedrpc.registry import ORG, ORG_OR_DEVICE, rpc_method
-from fedrpc.versions import publish_version
+from fedrpc.services.payloads import payload_bytes
+from fedrpc.services.policy import model_for_reading, model_for_writing
+from fedrpc.services.versions import publish_version
 from schemas.models.versions import (
     CreateParams,
     DownloadLink,

@@ -7,20 +7,20 @@ import secrets
 import msgspec
 import numpy as np
 
-from fedrpc.access import (
-    federation_for_member,
-    model_for_reading,
-    round_for_owner,
-    round_for_reading,
-)
-from fedrpc.aggregation import aggregate_round
 from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.db import jsonb
 from fedrpc.errors import BadRequest, Forbidden, NotFound, PreconditionFailed
 from fedrpc.fl.sampling import select_devices as sample
 from fedrpc.registry import ORG, rpc_method
-from fedrpc.rounds import transition
+from fedrpc.services.policy import (
+    federation_for_member,
+    model_for_reading,
+    round_for_owner,
+    round_for_reading,
+)
+from fedrpc.services.round_aggregation import aggregate_round
+from fedrpc.services.rounds import transition
 from schemas.models.versions import ModelVersion
 from schemas.training import (
     AggregateParams,

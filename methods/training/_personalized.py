@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from fedrpc.access import federation_for_member
 from fedrpc.context import Context
 from fedrpc.db import jsonb
 from fedrpc.errors import BadRequest, Forbidden, PreconditionFailed
@@ -20,6 +19,7 @@ from fedrpc.fl.tensors import (
     encode_safetensors,
     manifest_from_json,
 )
+from fedrpc.services.policy import federation_for_member
 from fedrpc.storage import StoredObject
 from schemas.models import Model
 from schemas.models.versions import ModelVersion

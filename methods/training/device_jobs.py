@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import msgspec
 
-from fedrpc.access import model_for_reading
 from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.db import constraint_message, jsonb
 from fedrpc.errors import BadRequest, Forbidden, NotFound, PreconditionFailed
 from fedrpc.registry import DEVICE, rpc_method
+from fedrpc.services.policy import model_for_reading
 from schemas.training.device_jobs import CompleteParams, CreateParams, Job, UpdateStatusParams
 
 ROUND_DEVICE_KEY = "device_jobs_round_device_key"

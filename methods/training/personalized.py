@@ -30,11 +30,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from fedrpc.access import federation_for_member, model_for_reading
 from fedrpc.context import Context
 from fedrpc.errors import BadRequest, Forbidden, NotFound
-from fedrpc.payloads import payload_bytes
 from fedrpc.registry import DEVICE, ORG, ORG_OR_DEVICE, rpc_method
+from fedrpc.services.payloads import payload_bytes
+from fedrpc.services.policy import federation_for_member, model_for_reading
 from methods.training._personalized import (
     latest_manifest,
     require_federation,

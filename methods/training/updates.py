@@ -10,9 +10,9 @@ round received in total, but not another member's private rounds.
 
 from __future__ import annotations
 
-from fedrpc.access import model_for_reading
 from fedrpc.context import Context
 from fedrpc.registry import ORG, rpc_method
+from fedrpc.services.policy import model_for_reading
 from schemas.training.updates import (
     ByDeviceParams,
     ByDeviceResult,

@@ -26,8 +26,8 @@ from fedrpc.fl.tensors import (
     decode_state_dict,
     manifest_from_json,
 )
-from fedrpc.payloads import payload_bytes
 from fedrpc.registry import DEVICE, rpc_method
+from fedrpc.services.payloads import payload_bytes
 from schemas.training.weights import Update, UploadParams
 
 ROUND_DEVICE_KEY = "training_updates_round_device_key"

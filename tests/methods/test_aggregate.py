@@ -15,8 +15,8 @@ import torch
 from minio import Minio
 
 from fedrpc.app import SERVICES
+from fedrpc.services.version_artifacts import TEMPLATES
 from fedrpc.tasks import aggregate_due_rounds
-from fedrpc.version_artifacts import TEMPLATES
 from tests.conftest import register_device
 from tests.kernels.nets import NETS
 from tests.methods.conftest import b64, inline, shared_federation

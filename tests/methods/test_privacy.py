@@ -9,7 +9,7 @@ import pytest
 from fedrpc.app import SERVICES
 from fedrpc.errors import PrivacyBudgetExhausted
 from fedrpc.fl.privacy import RoundCharge
-from fedrpc.privacy_ledger import charge_round
+from fedrpc.services.privacy_budget import charge_round
 from tests.kernels.privacy_references import opacus_epsilon as reference_epsilon
 
 FED_ID_UNKNOWN = "fed_" + "3" * 32

@@ -2,8 +2,8 @@
 
 The round is claimed in Postgres (running -> aggregating, with a lease) so two
 callers cannot both aggregate it and a crashed worker's round is taken over.
-The update loop runs in a worker thread (:mod:`fedrpc.aggregation_compute`),
-so do the new version's bytes (:mod:`fedrpc.version_artifacts`). The new
+The update loop runs in a worker thread (:mod:`fedrpc.services.update_loop`),
+so do the new version's bytes (:mod:`fedrpc.services.version_artifacts`). The new
 version's objects are written first, then one transaction charges the
 privacy ledger, stores the version and completes the round; any failure
 leaves no version row and no object behind.
@@ -20,7 +20,6 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from fedrpc.aggregation_compute import RoundFailed, UpdateRow, compute
 from fedrpc.db import Database
 from fedrpc.errors import (
     BadRequest,
@@ -34,14 +33,15 @@ from fedrpc.fl.aggregate import check_strategy
 from fedrpc.fl.metrics import weighted_means
 from fedrpc.fl.privacy import RoundCharge
 from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, manifest_from_json
-from fedrpc.privacy_ledger import DEFAULT_DELTA, charge_round, price
+from fedrpc.services.privacy_budget import DEFAULT_DELTA, charge_round, price
+from fedrpc.services.update_loop import RoundFailed, UpdateRow, compute
+from fedrpc.services.version_artifacts import encode_weights, export_graphs
+from fedrpc.services.versions import publish_version
 from fedrpc.storage import Storage
-from fedrpc.version_artifacts import encode_weights, export_graphs
-from fedrpc.versions import publish_version
 from schemas.models.versions import ModelVersion
 from schemas.training import Round
 
-log = logging.getLogger("fedrpc.aggregation")
+log = logging.getLogger("fedrpc.services.round_aggregation")
 LEASE_SECONDS = 600
 
 
