@@ -38,6 +38,7 @@ async def create(ctx: Context, p: CreateParams) -> Federation:
             owner_org_id=ctx.org_id,
             total_epsilon_budget=policy.total_epsilon_budget if policy else None,
             total_delta_budget=policy.total_delta_budget if policy else None,
+            min_round_updates=p.min_round_updates,
         )
         await tx.run(
             "federations.insert_owner_membership",

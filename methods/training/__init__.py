@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import secrets
-
-import msgspec
-import numpy as np
-
 from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.db import jsonb
 from fedrpc.errors import BadRequest, Forbidden, NotFound, PreconditionFailed
-from fedrpc.fl.sampling import select_devices as sample
 from fedrpc.registry import ORG, rpc_method
 from fedrpc.services.policy import (
     federation_for_member,
@@ -21,6 +15,7 @@ from fedrpc.services.policy import (
 )
 from fedrpc.services.round_aggregation import aggregate_round
 from fedrpc.services.rounds import transition
+from fedrpc.services.selection import select_for_round
 from schemas.models.versions import ModelVersion
 from schemas.training import (
     AggregateParams,
@@ -37,11 +32,6 @@ from schemas.training import (
     SelectDevicesResult,
     StartRoundParams,
 )
-
-
-class EligibleDevice(msgspec.Struct):
-    id: str
-    platform: str
 
 
 @rpc_method(ORG)
@@ -92,6 +82,8 @@ async def create_round(ctx: Context, p: CreateRoundParams) -> RoundDetail:
         dp_config=jsonb(p.differential_privacy) if p.differential_privacy else None,
         secagg_config=jsonb(p.secure_aggregation) if p.secure_aggregation else None,
         auto_aggregate=p.auto_aggregate,
+        max_sample_count=p.max_sample_count,
+        max_update_norm=p.max_update_norm,
     )
     return await get_round(ctx, GetRoundParams(round_id=round_id))
 
@@ -129,57 +121,16 @@ async def get_round_progress(ctx: Context, p: ProgressParams) -> Progress:
 async def select_devices(ctx: Context, p: SelectDevicesParams) -> SelectDevicesResult:
     """Pick devices for a pending round uniformly at random (seeded; the seed is recorded)."""
     rnd = await round_for_owner(ctx, p.round_id)
-    c = p.criteria
     org_ids = [rnd.org_id]
     if rnd.federation_id is not None:
         org_ids = await ctx.db.column("training.list_member_orgs", federation_id=rnd.federation_id)
-    async with ctx.db.transaction() as tx:
-        locked = await tx.get("training.lock_round", Round, round_id=p.round_id)
-        if locked.state != "pending":
-            raise PreconditionFailed(
-                f"the round is {locked.state}; selection needs it pending",
-                state=locked.state,
-                allowed=["pending"],
-            )
-        eligible = await tx.all(
-            "training.list_eligible_devices",
-            EligibleDevice,
-            org_ids=org_ids,
-            platform=c.platform,
-            network_type=c.network_type,
-            charging=c.charging,
-            min_battery=c.min_battery,
-            heartbeat_max_age_seconds=c.heartbeat_max_age_seconds,
-            device_group_id=c.device_group_id,
-            min_app_version=c.min_app_version,
-            max_app_version=c.max_app_version,
-        )
-        seed = secrets.randbits(63)
-        chosen = sample(
-            [(d.id, d.platform) for d in eligible],
-            locked.target_device_count,
-            np.random.default_rng(seed),
-            fraction=c.fraction,
-            stratify=c.stratify_by_platform,
-        )
-        if not chosen:
-            raise PreconditionFailed(
-                "no device meets the criteria", state=locked.state, eligible_count=0
-            )
-        await tx.run("training.insert_round_devices", round_id=p.round_id, device_ids=chosen)
-        await tx.run(
-            "training.update_round_selected",
-            round_id=p.round_id,
-            seed=seed,
-            criteria=jsonb(c),
-            eligible_count=len(eligible),
-        )
+    chosen = await select_for_round(ctx.db, p.round_id, org_ids, p.criteria)
     return SelectDevicesResult(
         round_id=p.round_id,
         state="selected",
-        selected=chosen,
-        eligible_count=len(eligible),
-        selection_seed=seed,
+        selected=chosen.chosen,
+        eligible_count=chosen.eligible_count,
+        selection_seed=chosen.seed,
     )
 
 

@@ -23,6 +23,14 @@ class CreateParams(MutatingParams, kw_only=True):
     org_id: OrgId
     description: Description = ""
     privacy_policy: PrivacyPolicy | None = None
+    min_round_updates: Annotated[
+        int,
+        Meta(
+            ge=2,
+            le=100_000,
+            description="Fewest updates a round's result in this federation may mix.",
+        ),
+    ] = 10
 
 
 class Federation(Result, kw_only=True):
@@ -32,6 +40,7 @@ class Federation(Result, kw_only=True):
     owner_org_id: str
     total_epsilon_budget: float | None = None
     total_delta_budget: float | None = None
+    min_round_updates: int
     created_at: datetime
     updated_at: datetime
 

@@ -84,6 +84,21 @@ class CreateRoundParams(MutatingParams, kw_only=True):
     differential_privacy: DpConfig | None = None
     secure_aggregation: SecAggConfig | None = None
     auto_aggregate: bool = False
+    max_sample_count: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=1_000_000_000,
+            description="Cap on the sample_count an update is weighted by (in the device's offer).",
+        ),
+    ] = 10_000
+    max_update_norm: (
+        Annotated[
+            float,
+            Meta(gt=0, le=1e12, description="Bound on the L2 norm of each update's delta."),
+        ]
+        | None
+    ) = None
 
 
 class Round(Result, kw_only=True):
@@ -114,6 +129,10 @@ class Round(Result, kw_only=True):
     result_version: int | None
     created_at: datetime
     updated_at: datetime
+    max_sample_count: int
+    max_update_norm: float | None
+    selection_method: str | None
+    sample_rate: float | None
 
 
 class RoundDetail(Round, kw_only=True):

@@ -1,8 +1,11 @@
 -- name: insert_federation
 -- A new federation with its (optional) budget.
-INSERT INTO federations (id, name, description, owner_org_id, total_epsilon_budget, total_delta_budget)
-VALUES (%(id)s, %(name)s, %(description)s, %(owner_org_id)s, %(total_epsilon_budget)s, %(total_delta_budget)s)
-RETURNING id, name, description, owner_org_id, total_epsilon_budget, total_delta_budget, created_at, updated_at;
+INSERT INTO federations (id, name, description, owner_org_id, total_epsilon_budget, total_delta_budget,
+                         min_round_updates)
+VALUES (%(id)s, %(name)s, %(description)s, %(owner_org_id)s, %(total_epsilon_budget)s, %(total_delta_budget)s,
+        %(min_round_updates)s)
+RETURNING id, name, description, owner_org_id, total_epsilon_budget, total_delta_budget, min_round_updates,
+          created_at, updated_at;
 
 -- name: insert_owner_membership
 -- The owner is the federation's first active member.
@@ -12,6 +15,7 @@ VALUES (%(id)s, %(federation_id)s, %(org_id)s, 'active', now());
 -- name: find_federation_role
 -- A federation and the role of one organization in it: owner, active, invited or none.
 SELECT f.id, f.name, f.description, f.owner_org_id, f.total_epsilon_budget, f.total_delta_budget,
+       f.min_round_updates,
        f.created_at, f.updated_at,
        CASE WHEN f.owner_org_id = %(org_id)s THEN 'owner' ELSE coalesce(m.status, 'none') END AS role
 FROM federations AS f
@@ -21,6 +25,7 @@ WHERE f.id = %(federation_id)s;
 -- name: list_federations
 -- The federations an organization owns or is an active member of, newest first.
 SELECT f.id, f.name, f.description, f.owner_org_id, f.total_epsilon_budget, f.total_delta_budget,
+       f.min_round_updates,
        f.created_at, f.updated_at
 FROM federations AS f
 JOIN federation_members AS m ON m.federation_id = f.id AND m.org_id = %(org_id)s AND m.status = 'active'

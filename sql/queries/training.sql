@@ -2,10 +2,12 @@
 -- A new round in state pending.
 INSERT INTO training_rounds (id, org_id, model_id, base_version, federation_id, target_device_count,
                              min_updates, deadline_seconds, update_format, strategy, strategy_params,
-                             client_config, dp_config, secagg_config, auto_aggregate)
+                             client_config, dp_config, secagg_config, auto_aggregate, max_sample_count,
+                             max_update_norm)
 VALUES (%(id)s, %(org_id)s, %(model_id)s, %(base_version)s, %(federation_id)s, %(target_device_count)s,
         %(min_updates)s, %(deadline_seconds)s, %(update_format)s, %(strategy)s, %(strategy_params)s,
-        %(client_config)s, %(dp_config)s, %(secagg_config)s, %(auto_aggregate)s)
+        %(client_config)s, %(dp_config)s, %(secagg_config)s, %(auto_aggregate)s, %(max_sample_count)s,
+        %(max_update_norm)s)
 RETURNING id;
 
 -- name: find_round
@@ -87,7 +89,8 @@ SELECT %(round_id)s, unnest(%(device_ids)s::text[]);
 -- pending -> selected, with what the privacy accounting needs later.
 UPDATE training_rounds
 SET state = 'selected', selection_seed = %(seed)s, selection_criteria = %(criteria)s,
-    eligible_count = %(eligible_count)s, updated_at = now()
+    eligible_count = %(eligible_count)s, selection_method = %(method)s, sample_rate = %(sample_rate)s,
+    updated_at = now()
 WHERE id = %(round_id)s AND state = 'pending';
 
 -- name: update_round_started
