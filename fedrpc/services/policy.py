@@ -1,8 +1,18 @@
-"""Who may see what: one place, so every namespace applies the same rules.
+"""Who may do what with a model, a version, a round or a federation: one place.
 
-An organization reads its own models and the models shared into federations
-it is an active member of; its devices read what it reads. Only the owner
-changes a model or a federation.
+Every handler asks this module and never repeats a rule. The rules:
+
+- An organization reads its own models and the models shared into federations
+  it is an active member of; its devices read what it reads.
+- Only the organization that owns a model changes it: new versions, publishing
+  drafts, rounds on it (and so aggregation into it and its server optimizer
+  state). Federation members take part with their devices and read the shared
+  model's published versions; a draft exists only for its owner.
+- A federation round runs the owner's model shared into that federation; the
+  federation decides how many updates its results mix (``min_round_updates``),
+  that a budgeted federation trains only with differential privacy, and that
+  strategies whose output can be one client's update need differential privacy.
+- Only the owner changes a federation; its active members read it.
 """
 
 from __future__ import annotations
@@ -10,10 +20,12 @@ from __future__ import annotations
 import msgspec
 
 from fedrpc.context import Context
-from fedrpc.errors import Forbidden
+from fedrpc.errors import BadRequest, Forbidden, PreconditionFailed
+from fedrpc.fl.aggregate import ROBUST
 from schemas.federations import Federation
 from schemas.models import Model
-from schemas.training import Round
+from schemas.models.versions import ModelVersion
+from schemas.training import CreateRoundParams, Round
 
 
 async def _find_model(ctx: Context, model_id: str) -> Model:
@@ -24,6 +36,11 @@ async def _find_model(ctx: Context, model_id: str) -> Model:
         reader_org_id=ctx.org_id,
         missing="no model with this id",
     )
+
+
+def sees_drafts(ctx: Context, model: Model) -> bool:
+    """Draft versions exist for the organization that owns the model (and its devices) only."""
+    return model.org_id == ctx.org_id
 
 
 async def model_for_reading(ctx: Context, model_id: str) -> Model:
@@ -37,11 +54,43 @@ async def model_for_reading(ctx: Context, model_id: str) -> Model:
 
 
 async def model_for_writing(ctx: Context, model_id: str) -> Model:
-    """The model, if the caller is the organization that owns it."""
+    """The model, if the caller is the organization that owns it (an org key, not a device)."""
     model = await _find_model(ctx, model_id)
     if model.org_id != ctx.org_id or ctx.principal.kind != "org":
-        raise Forbidden("the organization does not own this model")
+        raise Forbidden("only the organization that owns this model may change it")
     return model
+
+
+async def version_for_reading(
+    ctx: Context,
+    model: Model,
+    version: int | None,
+    *,
+    missing: str = "no such version of this model",
+) -> ModelVersion:
+    """A version of a readable model (the latest when ``version`` is None); drafts for the owner only."""
+    return await ctx.db.get(
+        "models.versions.get_version",
+        ModelVersion,
+        model_id=model.id,
+        version=version,
+        with_drafts=sees_drafts(ctx, model),
+        missing=missing,
+    )
+
+
+async def version_to_train_from(ctx: Context, model: Model, version: int) -> ModelVersion:
+    """A version a round or job may start from: visible to the caller and published."""
+    found = await version_for_reading(
+        ctx, model, version, missing="the model has no such base_version"
+    )
+    if not found.published:
+        raise PreconditionFailed(
+            f"version {version} is a draft; publish it with models.versions.publish "
+            "before a round can start from it",
+            published=False,
+        )
+    return found
 
 
 class FederationRole(Federation, kw_only=True):
@@ -79,6 +128,107 @@ def _plain(found: FederationRole) -> Federation:
     return msgspec.convert(fields, Federation)
 
 
+async def model_for_round(
+    ctx: Context, model_id: str, federation_id: str | None
+) -> tuple[Model, Federation | None]:
+    """The model a new round trains and its federation: the caller owns the model, and a
+    federation round's model is shared into that federation (of which the caller is a member)."""
+    model = await model_for_writing(ctx, model_id)
+    if federation_id is None:
+        return model, None
+    return model, await federation_for_model(ctx, model, federation_id)
+
+
+async def federation_for_model(
+    ctx: Context, model: Model, federation_id: str, *, own_model_ok: bool = False
+) -> Federation:
+    """The federation, if the caller is a member and the model is shared into it (or, with
+    ``own_model_ok``, is the caller's own model: its personalized state may be kept per
+    federation without sharing it)."""
+    federation = await federation_for_member(ctx, federation_id)
+    if own_model_ok and model.org_id == ctx.org_id:
+        return federation
+    if not await ctx.db.value(
+        "training.find_model_in_federation", model_id=model.id, federation_id=federation_id
+    ):
+        raise Forbidden("the model is not shared into this federation")
+    return federation
+
+
+def round_min_updates(p: CreateRoundParams, federation: Federation | None) -> int:
+    """The fewest updates a new round aggregates: what the caller asks, at least what its
+    federation demands, and never more than it selects."""
+    if federation is None:
+        if p.differential_privacy is not None:
+            raise BadRequest(
+                "differential_privacy needs a federation_id: its budget is the federation's",
+                field="differential_privacy",
+            )
+        needed = p.min_updates
+    else:
+        check_federation_round(
+            federation, strategy=p.strategy.name, private=p.differential_privacy is not None
+        )
+        needed = max(p.min_updates, federation.min_round_updates)
+    if needed > p.target_device_count:
+        raise BadRequest(
+            f"the round needs {needed} updates (min_updates, or its federation's "
+            "min_round_updates) but targets fewer devices",
+            field="target_device_count",
+            min_updates=needed,
+        )
+    return needed
+
+
+def check_federation_round(federation: Federation, *, strategy: str, private: bool) -> None:
+    """What a federation asks of every round in it, before anything is stored or aggregated."""
+    if federation.total_epsilon_budget is not None and not private:
+        raise BadRequest(
+            "this federation has a privacy budget: its rounds need differential_privacy",
+            field="differential_privacy",
+        )
+    if strategy in ROBUST and not private:
+        # Krum and friends, the median or a trimmed mean of few updates can return one
+        # client's update as it was: another organization's device would be exposed.
+        raise BadRequest(
+            f"{strategy} can return a single client's update; in a federation it needs "
+            "differential privacy, which only the FedAvg family supports",
+            field="strategy",
+        )
+
+
+def check_round_mix(
+    federation: Federation, update_orgs: list[str], selected_orgs: list[str]
+) -> None:
+    """A federation round's result mixes at least ``min_round_updates`` updates, and updates of
+    two organizations or more when devices of more than one were selected."""
+    needed = federation.min_round_updates
+    if len(update_orgs) < needed:
+        raise PreconditionFailed(
+            f"the round has {len(update_orgs)} updates and its federation needs {needed}",
+            received=len(update_orgs),
+            min_updates=needed,
+        )
+    if len(set(selected_orgs)) > 1 and len(set(update_orgs)) < 2:
+        raise PreconditionFailed(
+            "the round's updates all come from one organization; its federation needs "
+            "updates of at least two when several take part",
+            received=len(update_orgs),
+            organizations=1,
+        )
+
+
+def round_as_seen_by(ctx: Context, rnd: Round) -> Round:
+    """A round as an organization sees it: another organization's device group ids stay with
+    it, so members see the selection criteria without ``device_group_id``. Selected devices
+    are shown per organization as counts (``training.list_round_participation``)."""
+    criteria = rnd.selection_criteria
+    if rnd.org_id == ctx.org_id or not criteria or "device_group_id" not in criteria:
+        return rnd
+    hidden = {k: v for k, v in criteria.items() if k != "device_group_id"}
+    return msgspec.structs.replace(rnd, selection_criteria=hidden)
+
+
 class RoundRole(Round, kw_only=True):
     role: str  # owner | member | none
 
@@ -98,7 +248,7 @@ async def round_for_reading(ctx: Context, round_id: str) -> RoundRole:
 
 
 async def round_for_owner(ctx: Context, round_id: str) -> RoundRole:
-    """The round, if the caller's organization runs it."""
+    """The round, if the caller's organization runs it (and so owns its model)."""
     found = await round_for_reading(ctx, round_id)
     if found.role != "owner":
         raise Forbidden("the organization does not own this round")

@@ -33,11 +33,13 @@ from fedrpc.fl.aggregate import check_strategy
 from fedrpc.fl.metrics import weighted_means
 from fedrpc.fl.privacy import RoundCharge
 from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, manifest_from_json
+from fedrpc.services.policy import check_federation_round, check_round_mix
 from fedrpc.services.privacy_budget import DEFAULT_DELTA, charge_round, price
 from fedrpc.services.update_loop import RoundFailed, UpdateRow, compute
 from fedrpc.services.version_artifacts import encode_weights, export_graphs
 from fedrpc.services.versions import publish_version
 from fedrpc.storage import Storage
+from schemas.federations import Federation
 from schemas.models.versions import ModelVersion
 from schemas.training import Round
 
@@ -106,6 +108,12 @@ async def aggregate_round(
             "a secure-aggregation round is aggregated by its SecAgg+ session", state=rnd.state
         )
     name = strategy or rnd.strategy
+    federation = None
+    if rnd.federation_id is not None:
+        federation = await db.get(
+            "training.get_round_federation", Federation, federation_id=rnd.federation_id
+        )
+        check_federation_round(federation, strategy=name, private=rnd.dp_config is not None)
     try:
         full_params = check_strategy(
             name,
@@ -123,6 +131,12 @@ async def aggregate_round(
             received=len(rows),
             min_updates=needed,
         )
+    if federation is not None:
+        # The federation's floor holds whatever min_updates the caller asked for.
+        mix = await db.get(
+            "training.get_round_mix", _Mix, round_id=rnd.id, update_ids=[r.id for r in rows]
+        )
+        check_round_mix(federation, mix.update_orgs, mix.selected_orgs)
     await _claim(db, round_id)
     try:
         return await _aggregate_claimed(db, storage, rnd, name, full_params, rows, publish)
@@ -140,6 +154,11 @@ async def aggregate_round(
         # Storage down, a lost connection, a bug: leave the round retryable.
         await db.run("training.aggregate.update_round_running_again", round_id=round_id)
         raise
+
+
+class _Mix(msgspec.Struct):
+    update_orgs: list[str]
+    selected_orgs: list[str]
 
 
 async def _aggregate_claimed(

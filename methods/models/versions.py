@@ -17,7 +17,12 @@ from fedrpc.fl.artifacts import validate_bundle
 from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, encode_torch, manifest_to_json
 from fedrpc.registry import ORG, ORG_OR_DEVICE, rpc_method
 from fedrpc.services.payloads import payload_bytes
-from fedrpc.services.policy import model_for_reading, model_for_writing
+from fedrpc.services.policy import (
+    model_for_reading,
+    model_for_writing,
+    sees_drafts,
+    version_for_reading,
+)
 from fedrpc.services.versions import publish_version
 from schemas.models.versions import (
     CreateParams,
@@ -73,7 +78,7 @@ async def create(ctx: Context, p: CreateParams) -> ModelVersion:
 async def list_(ctx: Context, p: ListParams) -> ListResult:
     """A model's versions, newest first (drafts only for the owning organization)."""
     model = await model_for_reading(ctx, p.model_id)
-    args = {"model_id": p.model_id, "with_drafts": model.org_id == ctx.org_id}
+    args = {"model_id": p.model_id, "with_drafts": sees_drafts(ctx, model)}
     items = await ctx.db.all(
         "models.versions.list_versions", ModelVersion, limit=p.limit, offset=p.offset, **args
     )
@@ -86,14 +91,7 @@ async def list_(ctx: Context, p: ListParams) -> ListResult:
 async def get(ctx: Context, p: GetParams) -> ModelVersion:
     """One version (the latest when none is named); drafts only for the owning organization."""
     model = await model_for_reading(ctx, p.model_id)
-    return await ctx.db.get(
-        "models.versions.get_version",
-        ModelVersion,
-        model_id=p.model_id,
-        version=p.version,
-        with_drafts=model.org_id == ctx.org_id,
-        missing="no such version of this model",
-    )
+    return await version_for_reading(ctx, model, p.version)
 
 
 @rpc_method(ORG)

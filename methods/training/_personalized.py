@@ -10,7 +10,7 @@ import secrets
 
 from fedrpc.context import Context
 from fedrpc.db import jsonb
-from fedrpc.errors import BadRequest, Forbidden, PreconditionFailed
+from fedrpc.errors import BadRequest, PreconditionFailed
 from fedrpc.fl.tensors import (
     TensorSpec,
     check_finite,
@@ -19,10 +19,9 @@ from fedrpc.fl.tensors import (
     encode_safetensors,
     manifest_from_json,
 )
-from fedrpc.services.policy import federation_for_member
+from fedrpc.services.policy import federation_for_model, version_for_reading
 from fedrpc.storage import StoredObject
 from schemas.models import Model
-from schemas.models.versions import ModelVersion
 from schemas.training.personalized import PersonalizedState, UpdateParams
 
 __all__ = ["latest_manifest", "require_federation", "store_weights", "write_state"]
@@ -31,26 +30,16 @@ _SHOWN_NAMES = 20
 
 
 async def require_federation(ctx: Context, model: Model, federation_id: str) -> None:
-    await federation_for_member(ctx, federation_id)
-    if model.org_id != ctx.org_id and not await ctx.db.value(
-        "training.find_model_in_federation", model_id=model.id, federation_id=federation_id
-    ):
-        raise Forbidden("the model is not shared into this federation")
+    await federation_for_model(ctx, model, federation_id, own_model_ok=True)
 
 
-async def latest_manifest(ctx: Context, p: UpdateParams) -> list[TensorSpec]:
+async def latest_manifest(ctx: Context, model: Model, p: UpdateParams) -> list[TensorSpec]:
     """The latest version's manifest; every head layer must be one of its tensors."""
-    version = await ctx.db.maybe(
-        "models.versions.get_version",
-        ModelVersion,
-        model_id=p.model_id,
-        version=None,
-        with_drafts=True,
-    )
-    if version is None:
+    if model.latest_version is None:
         raise PreconditionFailed(
             "the model has no version yet; personalized weights are checked against one"
         )
+    version = await version_for_reading(ctx, model, model.latest_version)
     manifest = manifest_from_json(
         [{"name": s.name, "shape": s.shape, "dtype": s.dtype} for s in version.manifest]
     )

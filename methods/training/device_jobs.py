@@ -29,9 +29,9 @@ import msgspec
 from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.db import constraint_message, jsonb
-from fedrpc.errors import BadRequest, Forbidden, NotFound, PreconditionFailed
+from fedrpc.errors import BadRequest, Forbidden, PreconditionFailed
 from fedrpc.registry import DEVICE, rpc_method
-from fedrpc.services.policy import model_for_reading
+from fedrpc.services.policy import model_for_reading, version_for_reading
 from schemas.training.device_jobs import CompleteParams, CreateParams, Job, UpdateStatusParams
 
 ROUND_DEVICE_KEY = "device_jobs_round_device_key"
@@ -82,14 +82,10 @@ async def create(ctx: Context, p: CreateParams) -> Job:
     an existing version (a draft only when its own organization owns the model).
     """
     if p.job_type == "personalization":
-        await model_for_reading(ctx, p.model_id)
-        if not await ctx.db.value(
-            "training.find_model_version",
-            model_id=p.model_id,
-            version=p.base_version,
-            org_id=ctx.org_id,
-        ):
-            raise NotFound("the model has no such base_version")
+        model = await model_for_reading(ctx, p.model_id)
+        await version_for_reading(
+            ctx, model, p.base_version, missing="the model has no such base_version"
+        )
     job = await ctx.db.maybe(
         "training.device_jobs.insert_job",
         Job,

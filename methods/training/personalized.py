@@ -67,7 +67,9 @@ async def update(ctx: Context, p: UpdateParams) -> UpdateResult:
     model = await model_for_reading(ctx, p.model_id)
     if p.federation_id is not None:
         await require_federation(ctx, model, p.federation_id)
-    manifest = await latest_manifest(ctx, p) if p.weights is not None or p.head_layers else []
+    manifest = (
+        await latest_manifest(ctx, model, p) if p.weights is not None or p.head_layers else []
+    )
     async with payload_bytes(
         ctx, {} if p.weights is None else {"weights": p.weights}, "personalization"
     ) as blobs:

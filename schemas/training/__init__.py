@@ -135,8 +135,17 @@ class Round(Result, kw_only=True):
     sample_rate: float | None
 
 
+class OrgParticipation(Result, kw_only=True):
+    """One organization's part in a round: counts only, never its device ids."""
+
+    org_id: str
+    selected: int
+    updates: int
+
+
 class RoundDetail(Round, kw_only=True):
-    selected_devices: list[str]
+    selected_devices: list[str]  # the caller's own organization's devices only
+    participation: list[OrgParticipation]
 
 
 class GetRoundParams(Params):
@@ -201,7 +210,9 @@ class SelectDevicesParams(MutatingParams, kw_only=True):
 class SelectDevicesResult(Result, kw_only=True):
     round_id: str
     state: RoundState
-    selected: list[str]
+    selected: list[str]  # the caller's own organization's devices only
+    selected_count: int
+    participation: list[OrgParticipation]
     eligible_count: int
     selection_seed: int
 

@@ -24,8 +24,18 @@ FROM training_rounds AS r WHERE r.id = %(round_id)s;
 SELECT * FROM training_rounds WHERE id = %(round_id)s FOR UPDATE;
 
 -- name: list_round_devices
--- The devices selected for a round.
-SELECT device_id FROM round_devices WHERE round_id = %(round_id)s ORDER BY device_id;
+-- The devices of one organization selected for a round.
+SELECT r.device_id FROM round_devices AS r JOIN devices AS d ON d.id = r.device_id
+WHERE r.round_id = %(round_id)s AND d.org_id = %(org_id)s ORDER BY r.device_id;
+
+-- name: list_round_participation
+-- Per organization: how many of its devices a round selected and how many updates they sent.
+SELECT d.org_id, count(*) AS selected, count(u.id) AS updates
+FROM round_devices AS r
+JOIN devices AS d ON d.id = r.device_id
+LEFT JOIN training_updates AS u ON u.round_id = r.round_id AND u.device_id = r.device_id
+WHERE r.round_id = %(round_id)s
+GROUP BY d.org_id ORDER BY d.org_id;
 
 -- name: list_rounds
 -- Rounds of an organization and of the federations it is an active member of, newest first.
@@ -106,12 +116,6 @@ UPDATE training_rounds
 SET state = 'cancelled', cancel_reason = %(reason)s, finished_at = now(), updated_at = now()
 WHERE id = %(round_id)s AND state IN ('pending', 'selected', 'running');
 
--- name: find_model_version
--- Whether a version exists that the organization may start from (drafts only for their owner).
-SELECT true FROM model_versions AS v JOIN models AS m ON m.id = v.model_id
-WHERE v.model_id = %(model_id)s AND v.version = %(version)s
-  AND (v.published OR m.org_id = %(org_id)s);
-
 -- name: find_round_state
 -- The current state of a round.
 SELECT state FROM training_rounds WHERE id = %(round_id)s;
@@ -119,3 +123,17 @@ SELECT state FROM training_rounds WHERE id = %(round_id)s;
 -- name: find_model_in_federation
 -- Whether a model is shared into a federation.
 SELECT true FROM federation_models WHERE model_id = %(model_id)s AND federation_id = %(federation_id)s;
+
+-- name: get_round_federation
+-- The federation a round runs in, with the rules it sets for its rounds.
+SELECT id, name, description, owner_org_id, total_epsilon_budget, total_delta_budget, min_round_updates,
+       created_at, updated_at
+FROM federations WHERE id = %(federation_id)s;
+
+-- name: get_round_mix
+-- The organization of each given update of a round, and the organizations its selection reached.
+SELECT coalesce((SELECT array_agg(u.org_id) FROM training_updates AS u
+                 WHERE u.round_id = %(round_id)s AND u.id = ANY(%(update_ids)s)), '{}') AS update_orgs,
+       coalesce((SELECT array_agg(DISTINCT d.org_id) FROM round_devices AS r
+                 JOIN devices AS d ON d.id = r.device_id
+                 WHERE r.round_id = %(round_id)s), '{}') AS selected_orgs;

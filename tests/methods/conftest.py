@@ -54,9 +54,18 @@ async def mlp_model(client, org, mlp_bundle) -> dict:
     return model
 
 
-async def shared_federation(client, owner, member, model: dict, name: str = "f") -> dict:
-    """A federation of `owner` with `model` shared into it and `member` an active member."""
-    fed = await client.ok("federations.create", {"name": name, "org_id": owner.id}, owner.token)
+async def shared_federation(
+    client, owner, member, model: dict, name: str = "f", min_round_updates: int = 2
+) -> dict:
+    """A federation of `owner` with `model` shared into it and `member` an active member.
+
+    Its rounds' results mix at least `min_round_updates` updates (the server's default is 10;
+    tests that are not about that rule use the floor, 2)."""
+    fed = await client.ok(
+        "federations.create",
+        {"name": name, "org_id": owner.id, "min_round_updates": min_round_updates},
+        owner.token,
+    )
     await client.ok(
         "federations.models.share",
         {"federation_id": fed["id"], "model_id": model["id"]},

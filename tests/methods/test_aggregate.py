@@ -271,9 +271,12 @@ async def test_publish_false_makes_a_draft_no_round_can_start_from_until_publish
     for method, params in (
         ("models.versions.get", {"model_id": mlp_model["id"], "version": 2}),
         ("models.versions.download", {"model_id": mlp_model["id"], "version": 2}),
-        ("training.create_round", {**new_round, "federation_id": fed["id"]}),
     ):
         assert (await client.error(method, params, other_org.token))["data"]["type"] == "not_found"
+    # Members never create rounds on the owner's model, drafts or not.
+    member_round = {**new_round, "federation_id": fed["id"]}
+    error = await client.error("training.create_round", member_round, other_org.token)
+    assert error["data"]["type"] == "forbidden"
 
     published = await client.ok(
         "models.versions.publish", {"model_id": mlp_model["id"], "version": 2}, org.token
@@ -393,7 +396,12 @@ async def test_only_the_owner_aggregates(client, org, other_org, mlp_model, mlp_
 async def _dp_federation(client, org, mlp_model, budget: float) -> dict:
     fed = await client.ok(
         "federations.create",
-        {"name": "dp", "org_id": org.id, "privacy_policy": {"total_epsilon_budget": budget}},
+        {
+            "name": "dp",
+            "org_id": org.id,
+            "min_round_updates": 2,
+            "privacy_policy": {"total_epsilon_budget": budget},
+        },
         org.token,
     )
     await client.ok(

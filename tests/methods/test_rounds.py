@@ -9,7 +9,7 @@ import pytest
 import safetensors.numpy
 
 from tests.conftest import register_device
-from tests.methods.conftest import shared_federation
+from tests.methods.conftest import inline, shared_federation
 
 ROUND_UNKNOWN = "rnd_" + "4" * 32
 
@@ -197,21 +197,100 @@ async def test_federation_rounds_select_devices_of_active_members(
     await register_device(client, outsider.token)
     rnd = await make_round(client, org, mlp_model, federation_id=fed["id"], target_device_count=10)
     selected = await client.ok("training.select_devices", {"round_id": rnd["id"]}, org.token)
-    assert sorted(selected["selected"]) == sorted([mine["device_id"], theirs["device_id"]])
+    # The owner sees its own devices by id and the member's only as a count.
+    assert selected["selected"] == [mine["device_id"]] and selected["selected_count"] == 2
+    assert sorted((p["org_id"], p["selected"]) for p in selected["participation"]) == sorted(
+        [(org.id, 1), (other_org.id, 1)]
+    )
+    seen_by_member = await client.ok("training.get_round", {"round_id": rnd["id"]}, other_org.token)
+    assert seen_by_member["selected_devices"] == [theirs["device_id"]]
     listed = await client.ok("training.list_rounds", {"federation_id": fed["id"]}, other_org.token)
     assert [r["id"] for r in listed["items"]] == [rnd["id"]]
     # A member may read the round but not run it.
     assert (await client.error("training.start_round", {"round_id": rnd["id"]}, other_org.token))[
         "data"
     ]["type"] == "forbidden"
-    # The member can create a round on the shared model in the federation, not outside it.
-    params = {"model_id": mlp_model["id"], "base_version": 1, "target_device_count": 1}
+
+
+async def test_members_cannot_create_rounds_on_the_owners_model(client, org, other_org, mlp_model):
+    fed = await shared_federation(client, org, other_org, mlp_model, "f")
+    params = {"model_id": mlp_model["id"], "base_version": 1, "target_device_count": 10}
+    for extra in ({"federation_id": fed["id"]}, {}):
+        error = await client.error("training.create_round", {**params, **extra}, other_org.token)
+        assert error["data"]["type"] == "forbidden"
+    rounds = await client.ok("training.list_rounds", {}, org.token)
+    assert rounds["total"] == 0
+
+
+async def test_a_member_cannot_run_its_own_unshared_model_in_the_federation(
+    client, org, other_org, mlp_model, mlp_bundle
+):
+    fed = await shared_federation(client, org, other_org, mlp_model, "f")
+    own = await client.ok("models.create", {"name": "mine"}, other_org.token)
     await client.ok(
+        "models.versions.create", {"model_id": own["id"], **inline(mlp_bundle[1])}, other_org.token
+    )
+    params = {"model_id": own["id"], "base_version": 1, "target_device_count": 10}
+    error = await client.error(
         "training.create_round", {**params, "federation_id": fed["id"]}, other_org.token
     )
-    assert (await client.error("training.create_round", params, other_org.token))["data"][
-        "type"
-    ] == "forbidden"
+    assert error["data"]["type"] == "forbidden"
+    # Outside the federation, on its own devices, it may.
+    await client.ok("training.create_round", params, other_org.token)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"strategy": {"name": "krum"}}, "strategy"),
+        ({"strategy": {"name": "fedmedian"}}, "strategy"),
+        ({"target_device_count": 5}, "target_device_count"),
+    ],
+)
+async def test_federation_rounds_follow_the_federations_rules(
+    client, org, other_org, mlp_model, change, field
+):
+    fed = await shared_federation(client, org, other_org, mlp_model, "f", min_round_updates=6)
+    params = {
+        "model_id": mlp_model["id"],
+        "base_version": 1,
+        "federation_id": fed["id"],
+        "target_device_count": 10,
+    }
+    error = await client.error("training.create_round", {**params, **change}, org.token)
+    assert error["data"]["type"] == "bad_request" and error["data"]["field"] == field
+    # min_updates below the federation's is raised to it.
+    created = await client.ok("training.create_round", {**params, "min_updates": 1}, org.token)
+    assert created["min_updates"] == 6
+
+
+async def test_a_budgeted_federation_accepts_only_private_rounds(client, org, other_org, mlp_model):
+    fed = await client.ok(
+        "federations.create",
+        {
+            "name": "private",
+            "org_id": org.id,
+            "min_round_updates": 2,
+            "privacy_policy": {"total_epsilon_budget": 8.0},
+        },
+        org.token,
+    )
+    await client.ok(
+        "federations.models.share",
+        {"federation_id": fed["id"], "model_id": mlp_model["id"]},
+        org.token,
+    )
+    params = {
+        "model_id": mlp_model["id"],
+        "base_version": 1,
+        "federation_id": fed["id"],
+        "target_device_count": 10,
+    }
+    error = await client.error("training.create_round", params, org.token)
+    assert error["data"]["type"] == "bad_request"
+    assert error["data"]["field"] == "differential_privacy"
+    dp = {"noise_multiplier": 1.0, "clipping_norm": 1.0}
+    await client.ok("training.create_round", {**params, "differential_privacy": dp}, org.token)
 
 
 async def test_state_machine(client, org, mlp_model):

@@ -44,10 +44,6 @@ LIMIT %(limit)s OFFSET %(offset)s;
 SELECT count(*) FROM model_versions
 WHERE model_id = %(model_id)s AND (published OR %(with_drafts)s);
 
--- name: find_version_published
--- Whether a version is published; no row when the model has no such version.
-SELECT published FROM model_versions WHERE model_id = %(model_id)s AND version = %(version)s;
-
 -- name: update_version_published
 -- Publish a version (publishing twice changes nothing); no row when there is no such version.
 UPDATE model_versions SET published = true
