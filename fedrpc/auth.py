@@ -2,7 +2,11 @@
 
 Tokens are 256-bit random strings, so a plain sha256 is a safe hash: there is
 nothing to brute-force. A short in-memory cache keeps authentication off the
-database for hot callers; revocation through the API clears the cache at once.
+database for hot callers. Revocation through the API clears the serving
+process's cache at once; every other process drops the principal when its
+entry expires, at most ``auth_cache_seconds`` after the revocation committed
+(an entry's expiry is fixed when its lookup starts and never extended by use).
+Enrollment keys are never cached: each registration reads the key anyway.
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ from enum import Flag, auto
 import msgspec
 
 from fedrpc.db import Database
-from fedrpc.errors import Forbidden, Unauthorized
+from fedrpc.errors import Unauthorized
 
 ORG_KEY_PREFIX = "fk_"
 DEVICE_TOKEN_PREFIX = "fd_"
+ENROLL_RATE_PER_SECOND = 0.5
+"""Registrations with enrollment keys per organization and client address: 30 a minute..."""
+ENROLL_BURST = 20
+"""...after a burst of 20 (devices behind one NAT enrolling together)."""
 
 
 class Caller(Flag):
@@ -27,19 +35,30 @@ class Caller(Flag):
     PUBLIC = auto()
     ORG = auto()
     DEVICE = auto()
+    ENROLL = auto()  # an org key with the "enroll" scope: registering devices only
 
 
 class Principal(msgspec.Struct, frozen=True):
-    kind: str  # "org" | "device"
+    # "org" (an admin key), "enroll" (an enrollment key) or "device": the registry's
+    # Caller flag of the same name decides which methods each may call.
+    kind: str
     org_id: str
     key_id: str | None = None
     device_id: str | None = None
+    # A device's current token hash: devices.rotate_token replaces exactly this one.
+    token_hash: bytes | None = None
 
-    # "org:<id>" or "device:<id>", set from the fields: logs and rate limits read it per call.
+    # "org:<id>", "enroll:<key id>" or "device:<id>", set from the fields: logs, rate
+    # limits and idempotency scopes read it per call.
     label: str = ""
 
     def __post_init__(self) -> None:
-        label = f"device:{self.device_id}" if self.kind == "device" else f"org:{self.org_id}"
+        if self.kind == "device":
+            label = f"device:{self.device_id}"
+        elif self.kind == "enroll":
+            label = f"enroll:{self.key_id}"
+        else:
+            label = f"org:{self.org_id}"
         msgspec.structs.force_setattr(self, "label", label)
 
 
@@ -63,13 +82,21 @@ class Authenticator:
 
     The cache is keyed by the Authorization header as received, so a hit costs
     one dict lookup (no parsing, no hashing); it holds only headers whose token
-    was valid, and for ``ttl_seconds`` at most.
+    was valid, and for ``ttl_seconds`` at most, counted from the start of the
+    lookup that found it. ``forget`` bumps an epoch: a lookup that was in flight
+    when it ran answers its own call but is not cached, so a revoked principal
+    cannot come back into the cache after its revocation.
+
+    ``enroll_limiter`` bounds registrations with enrollment keys per organization
+    and client address (``ENROLL_RATE_PER_SECOND``, ``ENROLL_BURST``).
     """
 
     def __init__(self, db: Database, ttl_seconds: float) -> None:
         self.db = db
         self.ttl = ttl_seconds
         self._cache: dict[str, tuple[Principal, float]] = {}
+        self._epoch = 0
+        self.enroll_limiter = RateLimiter(ENROLL_RATE_PER_SECOND, ENROLL_BURST)
 
     def cached(self, header: str | None) -> Principal | None:
         """The principal of a header authenticated less than ``ttl`` ago, else None."""
@@ -90,10 +117,13 @@ class Authenticator:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("expected 'Authorization: Bearer <token>'")
+        epoch = self._epoch
         principal = await self._lookup(token, hash_token(token))
         if principal is None:
             self._cache.pop(header, None)
-            raise Unauthorized("the token is not valid or has been revoked")
+            raise Unauthorized("the token is not valid, has expired or has been revoked")
+        if epoch != self._epoch or principal.kind == "enroll":
+            return principal  # a revocation ran meanwhile, or a key checked on every use
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[header] = (principal, now + self.ttl)
@@ -107,7 +137,8 @@ class Authenticator:
         return None
 
     def forget(self, *, key_id: str | None = None, device_id: str | None = None) -> None:
-        """Drop cached principals of a revoked key or device."""
+        """Drop cached principals of a revoked key or device, and keep lookups in flight out."""
+        self._epoch += 1
         for header, (principal, _) in list(self._cache.items()):
             if (key_id and principal.key_id == key_id) or (
                 device_id and principal.device_id == device_id
@@ -115,10 +146,9 @@ class Authenticator:
                 del self._cache[header]
 
 
-def require_org(principal: Principal, org_id: str) -> None:
-    """The caller's org must be ``org_id`` (an org sees only its own resources)."""
-    if principal.org_id != org_id:
-        raise Forbidden("the organization does not own this resource")
+def enroll_bucket(principal: Principal, address: str | None) -> str:
+    """The rate-limit bucket of an enrollment call: its organization and client address."""
+    return f"enroll:{principal.org_id}@{address}"
 
 
 class RateLimiter:

@@ -23,9 +23,11 @@ from fedrpc.errors import AppError
 from schemas._base import MutatingParams, Params
 
 Handler = Callable[[Any, Any], Awaitable[Any]]
-ORG, DEVICE, PUBLIC = Caller.ORG, Caller.DEVICE, Caller.PUBLIC
+ORG, DEVICE, PUBLIC, ENROLL = Caller.ORG, Caller.DEVICE, Caller.PUBLIC, Caller.ENROLL
 ORG_OR_DEVICE = Caller.ORG | Caller.DEVICE
-_KINDS = {"org": Caller.ORG, "device": Caller.DEVICE}  # Principal.kind -> its flag
+# Principal.kind -> its flag. An enrollment key ("enroll") passes only where a method names
+# ENROLL (devices.register): ORG alone refuses it, so every org method refuses it in dispatch.
+_KINDS = {"org": Caller.ORG, "device": Caller.DEVICE, "enroll": Caller.ENROLL}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +43,7 @@ class MethodSpec:
     # a Flag's ``in`` runs Python code.
     public: bool = field(init=False)
     idempotent: bool = field(init=False)
-    kinds: frozenset[str] = field(init=False)  # principal kinds allowed: "org", "device"
+    kinds: frozenset[str] = field(init=False)  # principal kinds allowed: "org", "device", "enroll"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: fields derived once, here

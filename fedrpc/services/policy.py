@@ -13,19 +13,63 @@ Every handler asks this module and never repeats a rule. The rules:
   that a budgeted federation trains only with differential privacy, and that
   strategies whose output can be one client's update need differential privacy.
 - Only the owner changes a federation; its active members read it.
+- An organization names only its own devices, device groups and keys (another
+  organization's ids are ``forbidden``, checked before existence, so a guess
+  learns nothing more than that the id is not the caller's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
+from fedrpc.auth import Principal
 from fedrpc.context import Context
-from fedrpc.errors import BadRequest, Forbidden, PreconditionFailed
+from fedrpc.db import Database
+from fedrpc.errors import BadRequest, Forbidden, NotFound, PreconditionFailed
 from fedrpc.fl.aggregate import ROBUST
+from schemas.devices import Owner
 from schemas.federations import Federation
 from schemas.models import Model
 from schemas.models.versions import ModelVersion
 from schemas.training import CreateRoundParams, Round
+
+_SHOWN_IDS = 20
+
+
+def require_org(principal: Principal, org_id: str) -> None:
+    """The caller's organization must be ``org_id`` (an org sees only its own resources)."""
+    if principal.org_id != org_id:
+        raise Forbidden("the organization does not own this resource")
+
+
+def require_owned(owners: list[Owner], wanted: Iterable[str], org_id: str, noun: str) -> None:
+    """All wanted ids must be ``org_id``'s (else Forbidden, checked first) and exist (else NotFound)."""
+    found = {o.id: o.org_id for o in owners}
+    foreign = sorted(i for i, owner in found.items() if owner != org_id)
+    if foreign:
+        raise Forbidden(
+            f"the organization does not own every {noun} named", ids=foreign[:_SHOWN_IDS]
+        )
+    missing = sorted(set(wanted) - found.keys())
+    if missing:
+        raise NotFound(f"no {noun} with these ids", ids=missing[:_SHOWN_IDS])
+
+
+async def own_groups(db: Database, org_id: str, group_ids: list[str]) -> list[str]:
+    """``group_ids``, once every one is known to be ``org_id``'s device group."""
+    if group_ids:
+        owners = await db.all("devices.groups.list_group_owners", Owner, group_ids=group_ids)
+        require_owned(owners, group_ids, org_id, "device group")
+    return group_ids
+
+
+async def own_devices(db: Database, org_id: str, device_ids: list[str]) -> list[str]:
+    """``device_ids``, once every one is known to be ``org_id``'s device."""
+    owners = await db.all("devices.list_device_owners", Owner, device_ids=device_ids)
+    require_owned(owners, device_ids, org_id, "device")
+    return device_ids
 
 
 async def _find_model(ctx: Context, model_id: str) -> Model:

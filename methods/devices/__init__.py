@@ -1,27 +1,32 @@
-"""devices.*: register devices, read and list them, and the device heartbeat."""
+"""devices.*: register and revoke devices, read and list them, the device heartbeat."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
 import msgspec
 
-from fedrpc.auth import DEVICE_TOKEN_PREFIX, new_id, new_token, require_org
+from fedrpc.auth import DEVICE_TOKEN_PREFIX, new_id, new_token
 from fedrpc.context import Context
-from fedrpc.errors import Forbidden, NotFound, PayloadTooLarge
-from fedrpc.registry import DEVICE, ORG, ORG_OR_DEVICE, rpc_method
+from fedrpc.db import Database
+from fedrpc.errors import Forbidden, PayloadTooLarge, Unauthorized
+from fedrpc.registry import DEVICE, ENROLL, ORG, ORG_OR_DEVICE, rpc_method
+from fedrpc.services.policy import own_devices, own_groups, require_org
 from schemas.devices import (
     STATE_MAX_BYTES,
     DesiredState,
     Device,
+    EnrollmentClaim,
     GetParams,
     ListParams,
     ListResult,
-    Owner,
     RegisterParams,
     RegisterResult,
+    RevokeParams,
+    RevokeResult,
+    RotateTokenParams,
+    RotateTokenResult,
     RoundOffer,
     StopRound,
     SyncParams,
@@ -32,45 +37,51 @@ _encode = msgspec.json.Encoder().encode
 _SHOWN_IDS = 20
 
 
-def require_owned(owners: list[Owner], wanted: Iterable[str], org_id: str, noun: str) -> None:
-    """All wanted ids must be ``org_id``'s (else Forbidden, checked first) and exist (else NotFound)."""
-    found = {o.id: o.org_id for o in owners}
-    foreign = sorted(i for i, owner in found.items() if owner != org_id)
-    if foreign:
-        raise Forbidden(
-            f"the organization does not own every {noun} named", ids=foreign[:_SHOWN_IDS]
-        )
-    missing = sorted(set(wanted) - found.keys())
-    if missing:
-        raise NotFound(f"no {noun} with these ids", ids=missing[:_SHOWN_IDS])
-
-
-@rpc_method(ORG)
+@rpc_method(ORG | ENROLL, errors=[Unauthorized])
 async def register(ctx: Context, p: RegisterParams) -> RegisterResult:
     """Register a device; its bearer token is in this result and nowhere else.
 
-    Named groups must all be the organization's; otherwise nothing is written.
+    Named groups must all be the organization's; otherwise nothing is written. With
+    an enrollment key the registration counts against the key in the same
+    transaction, so a full, expired or revoked key registers nothing.
     """
-    if p.device_group_ids:
-        owners = await ctx.db.all(
-            "devices.groups.list_group_owners", Owner, group_ids=p.device_group_ids
-        )
-        require_owned(owners, p.device_group_ids, ctx.org_id, "device group")
     token, digest = new_token(DEVICE_TOKEN_PREFIX)
-    device = await ctx.db.get(
-        "devices.insert_device",
-        Device,
-        id=new_id("dev"),
-        org_id=ctx.org_id,
-        token_hash=digest,
-        platform=p.platform,
-        os_version=p.os_version,
-        model=p.model,
-        app_version=p.app_version,
-        group_ids=p.device_group_ids,
-        **msgspec.structs.asdict(p.capabilities),
-    )
+    async with ctx.db.transaction() as db:
+        if ctx.principal.kind == "enroll":
+            group_ids = await _claim_enrollment(db, ctx.principal.key_id, p.device_group_ids)
+        else:
+            group_ids = await own_groups(db, ctx.org_id, p.device_group_ids)
+        device = await db.get(
+            "devices.insert_device",
+            Device,
+            id=new_id("dev"),
+            org_id=ctx.org_id,
+            token_hash=digest,
+            platform=p.platform,
+            os_version=p.os_version,
+            model=p.model,
+            app_version=p.app_version,
+            group_ids=group_ids,
+            registered_by_key=ctx.principal.key_id,
+            **msgspec.structs.asdict(p.capabilities),
+        )
     return RegisterResult(device_id=device.id, token=token, device=device)
+
+
+async def _claim_enrollment(db: Database, key_id: str | None, wanted: list[str]) -> list[str]:
+    """Count one registration against an enrollment key; the groups the device joins."""
+    claim = await db.get("orgs.api_keys.claim_enrollment", EnrollmentClaim, key_id=key_id)
+    if claim.revoked or claim.expired:
+        raise Unauthorized("the enrollment key has expired or has been revoked")
+    if not claim.claimed:
+        raise Forbidden("the enrollment key has registered its maximum number of devices")
+    foreign = sorted(set(wanted) - set(claim.device_group_ids))
+    if foreign:
+        raise Forbidden(
+            "an enrollment key registers devices only into its own device groups",
+            ids=foreign[:_SHOWN_IDS],
+        )
+    return claim.device_group_ids
 
 
 @rpc_method(ORG_OR_DEVICE)
@@ -89,15 +100,42 @@ async def get(ctx: Context, p: GetParams) -> Device:
 async def list_(ctx: Context, p: ListParams) -> ListResult:
     """The organization's devices, newest first (ties broken by id)."""
     if p.device_group_id is not None:
-        owners = await ctx.db.all(
-            "devices.groups.list_group_owners", Owner, group_ids=[p.device_group_id]
-        )
-        require_owned(owners, [p.device_group_id], ctx.org_id, "device group")
+        await own_groups(ctx.db, ctx.org_id, [p.device_group_id])
     filters = msgspec.structs.asdict(p)
     page = {"limit": filters.pop("limit"), "offset": filters.pop("offset")}
     items = await ctx.db.all("devices.list_devices", Device, org_id=ctx.org_id, **filters, **page)
     total = await ctx.db.value("devices.count_devices", org_id=ctx.org_id, **filters)
     return ListResult(items=items, total=total)
+
+
+@rpc_method(ORG)
+async def revoke(ctx: Context, p: RevokeParams) -> RevokeResult:
+    """Revoke one of the organization's devices; its token stops working for good.
+
+    The serving process forgets it at once; every other within ``auth_cache_seconds``.
+    """
+    await own_devices(ctx.db, ctx.org_id, [p.device_id])
+    revoked = await ctx.db.get(
+        "devices.revoke_device", RevokeResult, device_id=p.device_id, reason=p.reason
+    )
+    ctx.services.auth.forget(device_id=p.device_id)
+    return revoked
+
+
+@rpc_method(DEVICE, errors=[Unauthorized])
+async def rotate_token(ctx: Context, p: RotateTokenParams) -> RotateTokenResult:
+    """Give the calling device a new token; the one it called with is dead from now on."""
+    token, digest = new_token(DEVICE_TOKEN_PREFIX)
+    rotated = await ctx.db.value(
+        "devices.update_device_token",
+        device_id=ctx.device_id,
+        current_hash=ctx.principal.token_hash,
+        token_hash=digest,
+    )
+    if rotated is None:
+        raise Unauthorized("the token has been rotated already or the device revoked")
+    ctx.services.auth.forget(device_id=ctx.device_id)
+    return RotateTokenResult(device_id=ctx.device_id, token=token)
 
 
 @rpc_method(DEVICE, errors=[PayloadTooLarge])

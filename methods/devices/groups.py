@@ -6,8 +6,7 @@ from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.db import constraint_message
 from fedrpc.registry import ORG, rpc_method
-from methods.devices import require_owned
-from schemas.devices import Owner
+from fedrpc.services.policy import own_devices, own_groups
 from schemas.devices.groups import (
     AddDevicesParams,
     AddDevicesResult,
@@ -50,10 +49,8 @@ async def list_(ctx: Context, p: ListParams) -> ListResult:
 async def add_devices(ctx: Context, p: AddDevicesParams) -> AddDevicesResult:
     """Add the organization's devices to one of its groups; nothing is written unless all are its own."""
     async with ctx.db.transaction() as tx:
-        groups = await tx.all("devices.groups.list_group_owners", Owner, group_ids=[p.group_id])
-        require_owned(groups, [p.group_id], ctx.org_id, "device group")
-        devices = await tx.all("devices.list_device_owners", Owner, device_ids=p.device_ids)
-        require_owned(devices, p.device_ids, ctx.org_id, "device")
+        await own_groups(tx, ctx.org_id, [p.group_id])
+        await own_devices(tx, ctx.org_id, p.device_ids)
         added = await tx.run(
             "devices.groups.insert_members", group_id=p.group_id, device_ids=p.device_ids
         )

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from fedrpc.auth import new_id, require_org
+from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.errors import Forbidden, NotFound
 from fedrpc.registry import ORG, rpc_method
-from fedrpc.services.policy import federation_for_member, federation_for_owner, federation_role
+from fedrpc.services.policy import (
+    federation_for_member,
+    federation_for_owner,
+    federation_role,
+    require_org,
+)
 from schemas.federations import (
     CreateParams,
     Federation,

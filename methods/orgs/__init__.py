@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fedrpc.auth import require_org
 from fedrpc.context import Context
 from fedrpc.registry import ORG, rpc_method
+from fedrpc.services.policy import require_org
 from schemas.orgs import GetParams, Org
 
 

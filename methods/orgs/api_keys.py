@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from fedrpc.auth import ORG_KEY_PREFIX, new_id, new_token, require_org
+import msgspec
+
+from fedrpc.auth import ORG_KEY_PREFIX, new_id, new_token
 from fedrpc.context import Context
 from fedrpc.errors import NotFound
 from fedrpc.registry import ORG, rpc_method
+from fedrpc.services.policy import own_groups, require_org
 from schemas.orgs.api_keys import (
     ApiKey,
     CreateParams,
@@ -19,20 +22,28 @@ from schemas.orgs.api_keys import (
 
 @rpc_method(ORG)
 async def create(ctx: Context, p: CreateParams) -> CreateResult:
-    """Create an API key; its token is in this result and nowhere else, ever."""
+    """Create an API key; its token is in this result and nowhere else, ever.
+
+    The device groups an enrollment key is bound to must all be the organization's.
+    """
+    await own_groups(ctx.db, ctx.org_id, p.device_group_ids)
     token, digest = new_token(ORG_KEY_PREFIX)
-    key = await ctx.db.get(
-        "orgs.api_keys.insert_key",
-        ApiKey,
-        id=new_id("key"),
-        org_id=ctx.org_id,
-        name=p.name,
-        token_hash=digest,
-        prefix=token[:8],
-    )
-    return CreateResult(
-        id=key.id, name=key.name, token=token, prefix=key.prefix, created_at=key.created_at
-    )
+    new_key = {"id": new_id("key"), "org_id": ctx.org_id, "name": p.name}
+    new_key |= {"token_hash": digest, "prefix": token[:8]}
+    if p.scope == "admin":
+        key = await ctx.db.get("orgs.api_keys.insert_key", ApiKey, **new_key)
+    else:
+        bounds = {"expires_in_seconds": p.expires_in_seconds, "max_devices": p.max_devices}
+        key = await ctx.db.get(
+            "orgs.api_keys.insert_enroll_key",
+            ApiKey,
+            device_group_ids=p.device_group_ids,
+            **bounds,
+            **new_key,
+        )
+    fields = msgspec.structs.asdict(key)
+    del fields["devices_registered"], fields["revoked_at"]
+    return CreateResult(token=token, **fields)
 
 
 @rpc_method(ORG)
@@ -47,7 +58,7 @@ async def list_(ctx: Context, p: ListParams) -> ListResult:
 
 @rpc_method(ORG)
 async def revoke(ctx: Context, p: RevokeParams) -> RevokeResult:
-    """Revoke a key; it stops working at once, including for calls already authenticated with it."""
+    """Revoke a key: at once on this process, within ``auth_cache_seconds`` on every other."""
     owner = await ctx.db.value("orgs.api_keys.find_key_org", key_id=p.key_id)
     if owner is None:
         raise NotFound("no API key with this id")

@@ -14,7 +14,16 @@ import msgspec
 from msgspec import Meta
 
 from schemas._base import MutatingParams, Params, Result
-from schemas._types import DeviceId, GroupId, Limit, Name, Offset, Percent, ShortText
+from schemas._types import (
+    Description,
+    DeviceId,
+    GroupId,
+    Limit,
+    Name,
+    Offset,
+    Percent,
+    ShortText,
+)
 
 Platform = Literal["android", "ios", "linux", "windows", "macos", "web", "embedded", "other"]
 NetworkType = Literal["wifi", "cellular", "ethernet", "none", "unknown"]
@@ -50,22 +59,32 @@ def nesting_depth(value: Any) -> int:
 
 
 class Capabilities(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """What a device can offer right now: power, network and free storage."""
+    """What a device can offer right now: power, network and free storage.
 
-    battery_pct: Percent
-    charging: bool
-    network_type: NetworkType
-    available_storage_mb: StorageMb
+    Each field is optional: a device reports what it knows. An unknown value
+    never meets a selection criterion on it (``min_battery`` skips a device of
+    unknown battery) and is filled in by a later ``devices.sync``.
+    """
+
+    battery_pct: Percent | None = None
+    charging: bool | None = None
+    network_type: NetworkType | None = None
+    available_storage_mb: StorageMb | None = None
 
 
 class RegisterParams(MutatingParams):
-    """Register a device for the caller's organization; its token is shown once."""
+    """Register a device for the caller's organization; its token is shown once.
+
+    With an admin key, ``device_group_ids`` names the organization's groups to
+    join. With an enrollment key, the device joins the key's groups, and
+    ``device_group_ids`` may only repeat some of them.
+    """
 
     platform: Platform
     os_version: ShortText
     model: Name
     app_version: ShortText
-    capabilities: Capabilities
+    capabilities: Capabilities = msgspec.field(default_factory=Capabilities)
     device_group_ids: Annotated[list[GroupId], Meta(max_length=100)] = []
 
 
@@ -87,6 +106,7 @@ class Device(Result):
     registered_at: datetime
     last_seen_at: datetime
     revoked_at: datetime | None = None
+    revoke_reason: str | None = None
 
 
 class RegisterResult(Result):
@@ -155,6 +175,10 @@ class RoundOffer(Result, kw_only=True):
     # None when the round has none; present on the wire as null so devices need not guess.
     differential_privacy: dict[str, Any] | None
     secure_aggregation: dict[str, Any] | None
+    # What the device may claim: sample_count above the cap is refused at upload;
+    # with a max_update_norm, an update whose delta's L2 norm exceeds it is refused.
+    max_sample_count: int
+    max_update_norm: float | None
 
 
 class StopRound(Result, kw_only=True):
@@ -177,6 +201,48 @@ class SyncResult(Result):
     server_time: datetime
     next_poll_interval_seconds: int
     desired_state: DesiredState
+
+
+class RevokeParams(MutatingParams):
+    """Revoke one of the organization's devices: its token stops working for good.
+
+    At once on the serving process and within ``auth_cache_seconds`` on every
+    other; the device is never selected again and cannot upload. Revoking twice
+    keeps the first time and reason.
+    """
+
+    device_id: DeviceId
+    reason: Description | None = None
+
+
+class RevokeResult(Result):
+    device_id: str
+    revoked_at: datetime
+    revoke_reason: str | None = None
+
+
+class RotateTokenParams(MutatingParams):
+    """Replace the calling device's token: the new one is shown once, the old one is dead.
+
+    Called with the device's current token, which stops working at once on the
+    serving process and within ``auth_cache_seconds`` on every other; a token
+    that was already rotated cannot rotate again.
+    """
+
+
+class RotateTokenResult(Result):
+    device_id: str
+    token: str
+
+
+class EnrollmentClaim(msgspec.Struct):
+    """An enrollment key's answer to one more registration (internal, not on the wire)."""
+
+    id: str
+    claimed: bool
+    revoked: bool
+    expired: bool
+    device_group_ids: list[str]
 
 
 class Owner(msgspec.Struct):

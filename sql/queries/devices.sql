@@ -1,14 +1,15 @@
 -- name: insert_device
--- A new device and its group memberships in one statement; only the token's hash is stored.
+-- A new device (capabilities it did not report are null) and its group memberships in one statement; only the token's hash is stored.
 WITH device AS (
     INSERT INTO devices (id, org_id, token_hash, platform, os_version, model, app_version,
-                         battery_pct, charging, network_type, available_storage_mb)
+                         battery_pct, charging, network_type, available_storage_mb,
+                         registered_by_key)
     VALUES (%(id)s, %(org_id)s, %(token_hash)s, %(platform)s, %(os_version)s, %(model)s,
             %(app_version)s, %(battery_pct)s, %(charging)s, %(network_type)s,
-            %(available_storage_mb)s)
+            %(available_storage_mb)s, %(registered_by_key)s)
     RETURNING id, org_id, platform, os_version, model, app_version, battery_pct, charging,
               network_type, available_storage_mb, reported_state, registered_at, last_seen_at,
-              revoked_at
+              revoked_at, revoke_reason
 ), members AS (
     INSERT INTO device_group_members (group_id, device_id)
     SELECT DISTINCT g.id, device.id
@@ -18,7 +19,7 @@ WITH device AS (
 SELECT d.id, d.org_id, d.platform, d.os_version, d.model, d.app_version, d.battery_pct,
        d.charging, d.network_type, d.available_storage_mb, d.reported_state AS state,
        ARRAY(SELECT m.group_id FROM members AS m ORDER BY m.group_id) AS group_ids,
-       d.registered_at, d.last_seen_at, d.revoked_at
+       d.registered_at, d.last_seen_at, d.revoked_at, d.revoke_reason
 FROM device AS d;
 
 -- name: get_device
@@ -27,7 +28,7 @@ SELECT d.id, d.org_id, d.platform, d.os_version, d.model, d.app_version, d.batte
        d.charging, d.network_type, d.available_storage_mb, d.reported_state AS state,
        ARRAY(SELECT m.group_id FROM device_group_members AS m
              WHERE m.device_id = d.id ORDER BY m.group_id) AS group_ids,
-       d.registered_at, d.last_seen_at, d.revoked_at
+       d.registered_at, d.last_seen_at, d.revoked_at, d.revoke_reason
 FROM devices AS d
 WHERE d.id = %(device_id)s;
 
@@ -37,7 +38,7 @@ SELECT d.id, d.org_id, d.platform, d.os_version, d.model, d.app_version, d.batte
        d.charging, d.network_type, d.available_storage_mb, d.reported_state AS state,
        ARRAY(SELECT m.group_id FROM device_group_members AS m
              WHERE m.device_id = d.id ORDER BY m.group_id) AS group_ids,
-       d.registered_at, d.last_seen_at, d.revoked_at
+       d.registered_at, d.last_seen_at, d.revoked_at, d.revoke_reason
 FROM devices AS d
 WHERE d.org_id = %(org_id)s
   AND (%(platform)s::text IS NULL OR d.platform = %(platform)s)
@@ -98,7 +99,8 @@ SELECT seen.id AS device_id, seen.last_seen_at,
                       'object_key', a.object_key, 'weights_sha256', a.sha256,
                       'weights_size_bytes', a.size_bytes, 'update_format', r.update_format,
                       'strategy', r.strategy, 'client_config', r.client_config, 'deadline', r.deadline_at,
-                      'differential_privacy', r.dp_config, 'secure_aggregation', r.secagg_config)
+                      'differential_privacy', r.dp_config, 'secure_aggregation', r.secagg_config,
+                      'max_sample_count', r.max_sample_count, 'max_update_norm', r.max_update_norm)
                   ORDER BY r.deadline_at)
            FROM round_devices AS rd
            JOIN training_rounds AS r ON r.id = rd.round_id
@@ -117,3 +119,16 @@ SELECT seen.id AS device_id, seen.last_seen_at,
              AND r.finished_at > now() - interval '1 day'
        ), '[]'::json) AS stop_rounds
 FROM seen;
+
+-- name: revoke_device
+-- Revoke a device for good (revoking twice keeps the first time and reason).
+UPDATE devices SET revoked_at = coalesce(revoked_at, now()),
+                   revoke_reason = CASE WHEN revoked_at IS NULL THEN %(reason)s ELSE revoke_reason END
+WHERE id = %(device_id)s
+RETURNING id AS device_id, revoked_at, revoke_reason;
+
+-- name: update_device_token
+-- Replace a device's token, only while the token it called with is current and it is not revoked.
+UPDATE devices SET token_hash = %(token_hash)s
+WHERE id = %(device_id)s AND token_hash = %(current_hash)s AND revoked_at IS NULL
+RETURNING id AS device_id;

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -203,10 +204,7 @@ def _without(key: str) -> dict:
 
 BAD_REGISTRATIONS = [
     pytest.param(_without("platform"), "$", id="missing-platform"),
-    pytest.param(_without("capabilities"), "$", id="missing-capabilities"),
-    pytest.param(
-        registration(capabilities={"battery_pct": 5}), "$.capabilities", id="missing-capability"
-    ),
+    pytest.param(registration(capabilities=None), "$.capabilities", id="null-capabilities"),
     pytest.param(registration(platform="symbian"), "$.platform", id="unknown-platform"),
     pytest.param(registration(platform=3), "$.platform", id="platform-not-a-string"),
     pytest.param(registration(os_version=""), "$.os_version", id="empty-os-version"),
@@ -266,6 +264,78 @@ BAD_REGISTRATIONS = [
 async def test_register_refuses_bad_params_and_names_the_field(client, org, params, path):
     assert_invalid_params(await client.error("devices.register", params, org.token), path)
     assert await device_total(client, org) == 0
+
+
+# Capabilities are optional field by field: a device reports what it knows.
+
+UNKNOWN_CAPABILITIES = {
+    "battery_pct": None,
+    "charging": None,
+    "network_type": None,
+    "available_storage_mb": None,
+}
+
+
+@pytest.mark.parametrize(
+    "reported",
+    [
+        {},
+        {"battery_pct": 40},
+        {"battery_pct": 40, "charging": True, "network_type": "cellular"},
+        {"available_storage_mb": 512, "network_type": None},
+    ],
+)
+async def test_register_takes_any_subset_of_capabilities(client, org, reported):
+    device = await register(client, org, capabilities=reported)
+    stored = {k: device["device"][k] for k in UNKNOWN_CAPABILITIES}
+    assert stored == {**UNKNOWN_CAPABILITIES, **reported}
+
+
+async def test_register_without_capabilities_registers_them_as_unknown(client, org):
+    params = registration()
+    del params["capabilities"]
+    device = await client.ok("devices.register", params, org.token)
+    assert {k: device["device"][k] for k in UNKNOWN_CAPABILITIES} == UNKNOWN_CAPABILITIES
+
+
+def _readme_example(method: str) -> dict:
+    """The JSON-RPC body of the README's curl example for ``method``."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    bodies = [json.loads(b) for b in re.findall(r"-d '(\{.*\})'", readme)]
+    return next(b for b in bodies if b["method"] == method)
+
+
+async def test_the_readme_register_example_works(client, org):
+    body = _readme_example("devices.register")
+    _, answer = await client.post(body, org.token)
+    assert "result" in answer, answer
+    assert answer["result"]["device"]["available_storage_mb"] is None
+
+
+async def test_sync_fills_in_a_capability_unknown_at_registration(client, org):
+    device = await register(client, org, capabilities={"battery_pct": 40})
+    await client.ok("devices.sync", {"available_storage_mb": 900}, device["token"])
+    record = await client.ok("devices.get", {"device_id": device["device_id"]}, org.token)
+    assert record["available_storage_mb"] == 900 and record["battery_pct"] == 40
+    assert record["charging"] is None
+
+
+async def test_a_device_of_unknown_battery_fails_min_battery_but_no_criterion(
+    client, org, mlp_model
+):
+    known = await register(client, org, capabilities={"battery_pct": 90})
+    unknown = await register(client, org, capabilities={"charging": True})
+    params = {"model_id": mlp_model["id"], "base_version": 1, "target_device_count": 10}
+    picky = await client.ok("training.create_round", params, org.token)
+    chosen = await client.ok(
+        "training.select_devices",
+        {"round_id": picky["id"], "criteria": {"min_battery": 10}},
+        org.token,
+    )
+    assert chosen["selected"] == [known["device_id"]]
+    open_round = await client.ok("training.create_round", params, org.token)
+    chosen = await client.ok("training.select_devices", {"round_id": open_round["id"]}, org.token)
+    assert sorted(chosen["selected"]) == sorted([known["device_id"], unknown["device_id"]])
 
 
 # devices.get
