@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import msgspec
 from aiohttp import web
 
 from fedrpc.auth import Authenticator, RateLimiter
 from fedrpc.context import Services
 from fedrpc.db import Database, load_queries, open_pool, set_json_codec
 from fedrpc.metrics import Metrics
-from fedrpc.openrpc import build_document
+from fedrpc.openrpc import OpenRpcDocument, document_for, server_url
 from fedrpc.registry import Registry
 from fedrpc.rpc import RpcEndpoint
 from fedrpc.settings import Settings
@@ -23,7 +22,7 @@ SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", Registry)
 DATABASE = web.AppKey("db", Database)
 STORAGE = web.AppKey("storage", Storage)
-OPENRPC = web.AppKey("openrpc", bytes)
+OPENRPC = web.AppKey("openrpc", OpenRpcDocument)
 METRICS = web.AppKey("metrics", Metrics)
 SERVICES = web.AppKey("services", Services)
 ENDPOINT = web.AppKey("endpoint", RpcEndpoint)
@@ -87,7 +86,7 @@ async def _services(app: web.Application):
         RateLimiter(s.rate_limit_per_second, s.rate_limit_burst),
         app[METRICS],
     )
-    app[OPENRPC] = msgspec.json.encode(build_document(app[REGISTRY]))
+    app[OPENRPC] = document_for(app[REGISTRY])
     yield
 
 
@@ -103,7 +102,9 @@ async def _background(app: web.Application):
 
 
 async def _openrpc(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[OPENRPC], content_type="application/json")
+    host = request.headers.get("Host")
+    url = server_url(request.app[SETTINGS], f"{request.scheme}://{host}" if host else "")
+    return web.Response(body=request.app[OPENRPC].encoded(url), content_type="application/json")
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import os
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -66,16 +68,73 @@ async def _create_org(settings: Settings, name: str) -> tuple[str, str]:
         return org.id, token
 
 
+class ListenError(Exception):
+    """The address cannot be listened on; the message is the one line `fedrpc serve` prints."""
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening sockets for every address of ``host`` (as aiohttp would bind them).
+
+    Bound before anything else starts, so a taken port stops `serve` before it starts an
+    embedded server, and no other process can take the port in between.
+    """
+    hint = "set FEDRPC_PORT (or --port) or stop the other process"
+    try:
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
+        )
+    except socket.gaierror:
+        raise ListenError(f"fedrpc: cannot resolve host {host!r}; set FEDRPC_HOST") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, address in dict.fromkeys(infos):  # each address once
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        where = f"port {port} on {host}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ListenError(f"fedrpc: {where} is already in use; {hint}") from None
+        if exc.errno == errno.EACCES:
+            raise ListenError(f"fedrpc: no permission to listen on {where}; {hint}") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ListenError(
+                f"fedrpc: {host} is not an address of this machine; set FEDRPC_HOST"
+            ) from None
+        raise ListenError(f"fedrpc: cannot listen on {where} ({exc.strerror})") from None
+    return socks
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings_from_env(**overrides)
+    try:
+        socks = listen(settings.host, settings.port)
+    except ListenError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        return _serve(settings, socks)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _serve(settings: Settings, socks: list[socket.socket]) -> int:
     from aiohttp import web
 
     from fedrpc.app import create_app
     from fedrpc.call_log import configure_logging
     from fedrpc.db import migrate
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    with ExitStack() as stack:
-        settings = _with_storage(_with_database(settings_from_env(**overrides), stack), stack)
+    with ExitStack() as stack:  # stops the embedded servers however serving ends
+        settings = _with_storage(_with_database(settings, stack), stack)
         configure_logging(settings.log_level)
         asyncio.run(migrate(settings.database_url))
         token = asyncio.run(_first_org(settings))
@@ -100,13 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # full collection the request path's garbage triggers.
         gc.collect()
         gc.freeze()
-        web.run_app(
-            app,
-            host=settings.host,
-            port=settings.port,
-            print=None,
-            access_log=None,
-        )
+        web.run_app(app, sock=socks, print=None, access_log=None)
     return 0
 
 

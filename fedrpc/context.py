@@ -37,6 +37,8 @@ class Context(msgspec.Struct):
     services: Services
     principal: Principal
     request_id: str
+    origin: str = ""
+    """``scheme://Host`` the request was sent to, as the client wrote it (unchecked)."""
 
     @property
     def db(self) -> Database:

@@ -70,6 +70,39 @@ def _encode_json(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
+NUL_MESSAGE = "text values must not contain the NUL character (U+0000)"
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+"""A JSON ``\\u0000`` escape that is not itself an escaped backslash followed by ``u0000``."""
+
+
+def refuse_nul(params: dict[str, Any]) -> None:
+    """The one rule for U+0000: neither text nor jsonb can store it, so such a value is a
+    BadRequest before any statement is sent (``run``, every read, and ``coalesced``, whose
+    other calls therefore never share a failed batch with it)."""
+    for value in params.values():
+        if _holds_nul(value):
+            raise BadRequest(NUL_MESSAGE, reason="nul_character")
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, (bytes, bytearray, memoryview, int, float, bool)) or value is None:
+        return False  # bytea and numbers hold anything
+    if isinstance(value, Jsonb):
+        return _holds_nul(value.obj)
+    if isinstance(value, msgspec.Raw):
+        raw = bytes(value)
+        return b"\\u0000" in raw and _JSON_NUL.search(raw) is not None
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_holds_nul(v) for v in value)
+    if isinstance(value, msgspec.Struct):
+        return any(_holds_nul(v) for v in msgspec.structs.astuple(value))
+    return False
+
+
 CONSTRAINT_MESSAGES: dict[str, str] = {}
 """Constraint name -> the conflict message a client sees; filled by the SQL's owners."""
 
@@ -91,9 +124,9 @@ def translated_errors() -> Iterator[None]:
         ) from None
     except pg_errors.ForeignKeyViolation:
         raise NotFound("a referenced record does not exist") from None
-    except pg_errors.UntranslatableCharacter:
-        # \u0000 passes JSON decoding but neither text nor jsonb can store it.
-        raise BadRequest("a text value holds a character the server cannot store") from None
+    except (pg_errors.UntranslatableCharacter, pg_errors.CharacterNotInRepertoire):
+        # Only a value `refuse_nul` cannot see into gets here (e.g. JSON built in SQL).
+        raise BadRequest(NUL_MESSAGE, reason="nul_character") from None
     except (
         pg_errors.CheckViolation,
         pg_errors.NumericValueOutOfRange,
@@ -137,6 +170,7 @@ class Database:
 
     async def _rows(self, name: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         sql = self.queries[name].sql
+        refuse_nul(params)
         with translated_errors():
             if self._conn is not None:
                 return await _fetch(self._conn, sql, params)
@@ -185,6 +219,7 @@ class Database:
         an error stays with its call. Inside ``transaction()`` the call runs alone on the
         transaction's connection.
         """
+        refuse_nul(params)  # before the batch: a call that cannot succeed never joins one
         if self._conn is not None:
             return await self._alone(query, type_, key, params)
         group = self._groups.get(query)
@@ -201,6 +236,7 @@ class Database:
     async def run(self, query: str, /, **params: Any) -> int:
         """Execute a statement; returns the number of rows it touched."""
         sql = self.queries[query].sql
+        refuse_nul(params)
         with translated_errors():
             if self._conn is not None:
                 return await _execute(self._conn, sql, params)

@@ -110,8 +110,9 @@ class GroupCommit:
             if len(batch) == 1:
                 _settle_future(batch[0][1], exc=exc)
                 return
-            # One call's values (or a deadlock with another writer) failed the batch: run each
-            # call alone, in arrival order, so that each gets its own answer or its own error.
+            # One call's values (a CHECK they break, or a deadlock with another writer) failed the
+            # batch: run each call alone, in arrival order, so that each gets its own answer or its
+            # own error. (A NUL character never gets here: `Database.coalesced` refuses it first.)
             for params, future in batch:
                 try:
                     row = await self.db._alone(self.query, self.type, key, params)

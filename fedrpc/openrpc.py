@@ -1,8 +1,19 @@
-"""The OpenRPC 1.3.2 document, generated from the registry and the Structs."""
+"""The OpenRPC 1.3.2 document, generated from the registry and the Structs.
+
+The document is built once per registry; only ``servers[0].url`` depends on the request.
+It must be absolute (the reference tooling refuses ``/rpc``): ``FEDRPC_PUBLIC_URL`` when
+set, else the scheme and Host the request was addressed to, when that Host is a plain
+``host[:port]``, else the address the server listens on. Nothing is cached per Host: the
+URL is spliced into the one encoded document (``OpenRpcDocument.encoded``) or set on one
+typed copy (``OpenRpcDocument.typed``), so an arbitrary Host header costs one copy of the
+bytes and no memory.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+import weakref
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -17,6 +28,11 @@ from fedrpc.errors import (
 )
 from fedrpc.registry import Registry
 
+if TYPE_CHECKING:
+    from fedrpc.settings import Settings
+
+T = TypeVar("T")
+RPC_PATH = "/rpc"
 REF = "#/components/schemas/{name}"
 
 
@@ -29,7 +45,7 @@ def _errors(spec) -> list[dict[str, Any]]:
     return listed
 
 
-def build_document(registry: Registry, server_url: str = "/rpc") -> dict[str, Any]:
+def build_document(registry: Registry, server_url: str) -> dict[str, Any]:
     specs = list(registry)
     types = [t for s in specs for t in (s.params_type, s.result_type)]
     schemas, components = msgspec.json.schema_components(types, ref_template=REF)
@@ -61,7 +77,65 @@ def build_document(registry: Registry, server_url: str = "/rpc") -> dict[str, An
             "version": __version__,
             "description": "Control plane for federated learning over JSON-RPC 2.0.",
         },
-        "servers": [{"name": "fedrpc", "url": server_url}],
+        "servers": [server(server_url)],
         "methods": methods,
         "components": {"schemas": components},
     }
+
+
+def server(url: str) -> dict[str, str]:
+    return {"name": "fedrpc", "url": url}
+
+
+# A Host header we repeat in the document: a DNS name, an IPv4 or a bracketed IPv6 address,
+# and an optional port. Anything else (spaces, quotes, userinfo, paths) is not believed.
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._~-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]")
+_ORIGIN = re.compile(rf"https?://(?:{_HOST.pattern})(?::[0-9]{{1,5}})?")
+
+
+def server_url(settings: Settings, origin: str = "") -> str:
+    """The absolute URL of ``POST /rpc`` to publish for a request addressed to ``origin``.
+
+    ``origin`` is ``scheme://Host`` as the request named it (empty when it had no Host).
+    """
+    if settings.public_url:
+        return settings.public_url.rstrip("/") + RPC_PATH
+    if origin and len(origin) <= 300 and _ORIGIN.fullmatch(origin):
+        return origin + RPC_PATH
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"http://{host}:{settings.port}{RPC_PATH}"
+
+
+class OpenRpcDocument:
+    """One registry's document, built once; each answer gets its own server URL."""
+
+    _MARK = "\u0000server-url\u0000"  # cannot occur elsewhere: no schema or summary holds NUL
+
+    def __init__(self, registry: Registry) -> None:
+        self.methods = len(registry.methods)
+        self.document = build_document(registry, self._MARK)
+        head, tail = msgspec.json.encode(self.document).split(msgspec.json.encode(self._MARK))
+        self._head, self._tail = head, tail
+        self._typed: dict[type, Any] = {}
+
+    def encoded(self, url: str) -> bytes:
+        """The JSON document with ``url`` as its server."""
+        return self._head + msgspec.json.encode(url) + self._tail
+
+    def typed(self, type_: type[T], url: str) -> T:
+        """The document as a Struct ``type_`` (with a ``servers`` field) serving ``url``."""
+        template = self._typed.get(type_)
+        if template is None:
+            template = self._typed[type_] = msgspec.convert(self.document, type_)
+        return msgspec.structs.replace(template, servers=[server(url)])
+
+
+_DOCUMENTS: weakref.WeakKeyDictionary[Registry, OpenRpcDocument] = weakref.WeakKeyDictionary()
+
+
+def document_for(registry: Registry) -> OpenRpcDocument:
+    """The registry's document, rebuilt only when methods were added since."""
+    doc = _DOCUMENTS.get(registry)
+    if doc is None or doc.methods != len(registry.methods):
+        doc = _DOCUMENTS[registry] = OpenRpcDocument(registry)
+    return doc

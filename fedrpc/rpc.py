@@ -25,7 +25,7 @@ import msgspec
 from aiohttp import web
 
 from fedrpc import idempotency
-from fedrpc.auth import Principal
+from fedrpc.auth import Principal, enroll_bucket
 from fedrpc.call_log import log_call
 from fedrpc.context import Context, Services
 from fedrpc.errors import (
@@ -195,7 +195,7 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
     assert spec is not None
     try:
         if not spec.public and ctx.principal.kind not in spec.kinds:
-            raise Forbidden(f"a {ctx.principal.kind} may not call {spec.name}")
+            raise Forbidden(_REFUSED[ctx.principal.kind].format(spec.name))
         try:
             params = decode_params(spec, call.env.params, call.positional)
         except msgspec.ValidationError as exc:
@@ -233,14 +233,19 @@ async def _jsonrpc_target(ctx: Context, call: Call) -> Any:
 
 
 async def _dispatch(
-    services: Services, principal: Principal | None, who: str, call: Call, request_id: str
+    services: Services,
+    principal: Principal | None,
+    who: str,
+    call: Call,
+    request_id: str,
+    origin: str = "",
 ) -> bytes | None:
     started = time.perf_counter()
     env, spec, error = call.env, call.spec, call.error
     id_ = None if env is None or env.id is UNSET else env.id
     if error is None:
         name = spec.name
-        ctx = Context(services, principal, request_id)
+        ctx = Context(services, principal, request_id, origin)
         result = await jsonrpc_call(JsonRpcRequest(name, [call], id_), ctx, _jsonrpc_target)
         outcome = getattr(result, "_value", None)  # oslash: Right holds _value, Left holds _error
         if isinstance(outcome, SuccessResult):
@@ -268,6 +273,13 @@ async def _dispatch(
     if env is not None and env.id is UNSET and not call.malformed:
         return None  # a notification: a well-formed request without an id, even a failed one
     return body
+
+
+_REFUSED = {
+    "org": "an organization's API key may not call {}",
+    "device": "a device may not call {}",
+    "enroll": "an enrollment key may only register devices, not call {}",
+}
 
 
 def _error_response(
@@ -312,17 +324,26 @@ class RpcEndpoint:
                 services.metrics.error("unauthorized")
                 www = {**headers, "WWW-Authenticate": "Bearer"}
                 return _error_response(401, app_error_object(exc, request_id), www)
+            # Enrollment keys are never cached, so this check stays off the hot path.
+            if principal is not None and principal.kind == "enroll":
+                enrolls = sum(1 for c in calls if c.spec and "enroll" in c.spec.kinds)
+                bucket = enroll_bucket(principal, request.remote)
+                wait = services.auth.enroll_limiter.take(bucket, enrolls) if enrolls else 0.0
+                if wait > 0:
+                    return _rate_limited(services, wait, request_id, headers)
         who = principal.label if principal else f"ip:{request.remote}"
         wait = services.limiter.take(who, len(calls))
         if wait > 0:
             return _rate_limited(services, wait, request_id, headers)
         label = who if principal else "anonymous"
+        host = request.headers.get("Host")  # for rpc.discover's server URL; checked there
+        origin = f"{request.scheme}://{host}" if host else ""
         if not is_batch:
-            payload = await _dispatch(services, principal, label, calls[0], request_id)
+            payload = await _dispatch(services, principal, label, calls[0], request_id, origin)
             if payload is None:
                 return web.Response(status=204, headers=headers)
             return web.Response(body=payload, content_type=_JSON, headers=headers)
-        bodies = [await _dispatch(services, principal, label, c, request_id) for c in calls]
+        bodies = [await _dispatch(services, principal, label, c, request_id, origin) for c in calls]
         answers = [b for b in bodies if b is not None]
         if not answers:
             return web.Response(status=204, headers=headers)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import msgspec
+
+# An absolute http(s) URL, with an optional path prefix, no query or fragment.
+PublicUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$")]
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -19,6 +23,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     s3_region: str = "us-east-1"
     host: str = "127.0.0.1"
     port: int = 8080
+    # Where clients reach the server (e.g. https://fl.example.com behind a proxy): rpc.discover's
+    # servers[0].url is this plus /rpc. Unset: the scheme and Host the request was sent to.
+    public_url: PublicUrl | None = None
     data_dir: str = ".data"
     # 32 MB of raw weights is about 43 MB of base64; leave room for the envelope.
     max_body_bytes: int = 48 * 1024 * 1024
@@ -30,6 +37,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     presign_expiry_seconds: int = 900
     sync_interval_seconds: int = 60
     background_interval_seconds: float = 5.0
+    # Auto-aggregation (docs/aggregation.md): rounds taken up per pass, round-robin across
+    # organizations; a round that keeps failing is retried with exponential back-off, then failed.
+    aggregation_rounds_per_pass: int = 10
+    aggregation_max_attempts: int = 8
+    aggregation_backoff_seconds: float = 30.0
+    aggregation_backoff_max_seconds: float = 3600.0
     db_pool_min: int = 2
     db_pool_max: int = 10
     log_level: str = "INFO"

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import msgspec
-
 from fedrpc.context import Context
-from fedrpc.openrpc import build_document
+from fedrpc.openrpc import document_for, server_url
 from fedrpc.registry import PUBLIC, rpc_method
 from schemas.rpc import DiscoverParams, DiscoverResult
 
@@ -13,4 +11,5 @@ from schemas.rpc import DiscoverParams, DiscoverResult
 @rpc_method(PUBLIC)
 async def discover(ctx: Context, p: DiscoverParams) -> DiscoverResult:
     """The OpenRPC 1.3.2 document generated from the registry and the Structs."""
-    return msgspec.convert(build_document(ctx.services.registry), DiscoverResult)
+    url = server_url(ctx.settings, ctx.origin)
+    return document_for(ctx.services.registry).typed(DiscoverResult, url)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import psycopg
+import pytest
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -45,3 +47,29 @@ async def test_call_prints_the_result_and_fails_on_errors(client, org):
         run_cli, "call", "models.get", "--params", '{"model_id": "nope"}', env=env
     )
     assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["code"] == -32602
+
+
+@pytest.mark.parametrize("embedded", [False, True], ids=["configured services", "embedded"])
+def test_serve_on_a_taken_port_says_so_in_one_line_and_starts_nothing(services, tmp_path, embedded):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    env = {"FEDRPC_PORT": str(port), "FEDRPC_DATA_DIR": str(tmp_path / "data")}
+    if not embedded:
+        env |= {
+            "DATABASE_URL": services.admin_url,
+            "FEDRPC_S3_ENDPOINT": services.s3_endpoint,
+            "FEDRPC_S3_ACCESS_KEY": services.s3_access_key,
+            "FEDRPC_S3_SECRET_KEY": services.s3_secret_key,
+        }
+    with taken:
+        result = run_cli("serve", "--host", "127.0.0.1", env=env)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"fedrpc: port {port} on 127.0.0.1 is already in use;"
+        " set FEDRPC_PORT (or --port) or stop the other process"
+    ]
+    # Nothing was started that could outlive the command: no embedded data folder at all.
+    assert not (tmp_path / "data").exists()

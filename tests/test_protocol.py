@@ -15,7 +15,8 @@ from schemas._base import Params, Result
 from tests.conftest import RpcClient
 
 SPEC_CALLS: list[str] = []
-META_SCHEMA = Path(__file__).resolve().parents[2] / "shared/reference/openrpc-1.3-meta-schema.json"
+# Vendored (Apache-2.0, see its NOTICE): a clone of this repository has everything it tests with.
+META_SCHEMA = Path(__file__).resolve().parent / "vendor/openrpc/openrpc-1.3-meta-schema.json"
 
 
 class SubtractParams(Params):
@@ -286,26 +287,118 @@ async def test_rate_limit_answers_429_with_retry_after(aiohttp_client, settings,
 
 
 async def test_openrpc_document_is_valid_and_lists_every_method(client):
-    meta = json.loads(META_SCHEMA.read_text())
     document = await client.ok("rpc.discover")
     served = await (await client.http.get("/openrpc.json")).json()
     assert served == document
-    validate_openrpc(meta, document)
+    validate_openrpc(document)
     assert {m["name"] for m in document["methods"]} == set(client.app[REGISTRY].methods)
     assert all(m["summary"] and m["errors"] for m in document["methods"])
 
 
-def validate_openrpc(meta: dict, document: dict) -> None:
+async def test_openrpc_server_url_is_the_absolute_url_the_request_was_sent_to(client):
+    origin = str(client.http.make_url("/")).rstrip("/")  # http://127.0.0.1:PORT
+    document = await client.ok("rpc.discover")
+    assert document["servers"] == [{"name": "fedrpc", "url": origin + "/rpc"}]
+    headers = {"Host": "fl.example.com:8443"}
+    served = await (await client.http.get("/openrpc.json", headers=headers)).json()
+    assert served["servers"][0]["url"] == "http://fl.example.com:8443/rpc"
+    validate_openrpc(served)
+
+
+@pytest.mark.parametrize(
+    "host",
+    ['evil.com/"><script>', "a b", "user@evil.com", "evil.com/path", "x" * 400, "[::1"],
+    ids=["markup", "space", "userinfo", "path", "too long", "open bracket"],
+)
+async def test_openrpc_server_url_ignores_a_host_header_that_is_not_a_host(client, settings, host):
+    served = await (await client.http.get("/openrpc.json", headers={"Host": host})).json()
+    assert served["servers"][0]["url"] == f"http://{settings.host}:{settings.port}/rpc"
+    validate_openrpc(served)
+
+
+async def test_openrpc_server_url_comes_from_the_public_url_setting(aiohttp_client, settings):
+    public = msgspec.structs.replace(settings, public_url="https://fl.example.com/api/")
+    client = RpcClient(await aiohttp_client(create_app(public)))
+    document = await client.ok("rpc.discover")
+    served = await (await client.http.get("/openrpc.json", headers={"Host": "evil.com"})).json()
+    assert document == served
+    assert served["servers"] == [{"name": "fedrpc", "url": "https://fl.example.com/api/rpc"}]
+    validate_openrpc(served)
+
+
+@pytest.mark.parametrize("value", ["/rpc", "fl.example.com", "ftp://x", "https://a b"])
+def test_a_public_url_that_is_not_absolute_http_is_refused_at_start(value):
+    from fedrpc.settings import settings_from_env
+
+    with pytest.raises(msgspec.ValidationError, match="public_url"):
+        settings_from_env({"FEDRPC_PUBLIC_URL": value})
+
+
+def test_the_validator_refuses_a_relative_server_url():
+    document = {
+        "openrpc": "1.3.2",
+        "info": {"title": "t", "version": "1"},
+        "servers": [{"name": "fedrpc", "url": "/rpc"}],
+        "methods": [],
+    }
+    import jsonschema
+
+    with pytest.raises(jsonschema.ValidationError, match="uri"):
+        validate_openrpc(document)
+
+
+def validate_openrpc(document: dict) -> None:
+    """The vendored OpenRPC 1.3 meta-schema, with ``format: uri`` checked as the reference
+    tooling (@open-rpc/schema-utils-js, through ajv-formats) does: a scheme is required."""
+    import re
+    from urllib.parse import urlsplit
+
     import jsonschema
     from referencing import Registry as RefRegistry
     from referencing import Resource
     from referencing.jsonschema import DRAFT7
 
+    meta = json.loads(META_SCHEMA.read_text())
     draft7 = Resource.from_contents(
         jsonschema.Draft7Validator.META_SCHEMA, default_specification=DRAFT7
     )
     refs = RefRegistry().with_resource("https://meta.json-schema.tools", draft7)
-    jsonschema.Draft7Validator(meta, registry=refs).validate(document)
+    formats = jsonschema.FormatChecker(())
+
+    @formats.checks("uri")
+    def is_uri(value: object) -> bool:
+        if not isinstance(value, str) or re.search(r"[\s<>\"{}|\\^`]", value):
+            return False
+        parts = urlsplit(value)
+        return bool(re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", parts.scheme or "")) and (
+            parts.scheme not in ("http", "https") or bool(parts.netloc)
+        )
+
+    jsonschema.Draft7Validator(meta, registry=refs, format_checker=formats).validate(document)
+
+
+def test_nothing_in_the_repository_reads_outside_it():
+    """A user's clone has nothing beside it: no tracked file may name the shared folder."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    shared = "shared"  # spelled apart so that this file does not name what it looks for
+    needles = (f"../{shared}", f"{shared}/reference", f"{shared}/tools")
+    offenders = []
+    for name in tracked:
+        path = root / name
+        if not path.is_file():
+            continue
+        text = path.read_bytes().decode(errors="replace")
+        offenders += [name for needle in needles if needle in text]
+    assert tracked and not offenders, offenders
 
 
 async def test_health_readiness_and_metrics(client, org):

@@ -130,10 +130,10 @@ async def test_a_revoked_device_in_a_batch_gets_no_row_and_the_others_do(
 async def test_a_call_the_database_refuses_fails_alone(client, org, fleet, statements):
     db = client.app[SERVICES].db
     ids = [d["device_id"] for d in fleet]
-    versions = [f"2.{n}" for n in range(len(ids))]
-    versions[1] = "2.\u0000"
+    levels = list(range(len(ids)))
+    levels[1] = 101  # the column's CHECK refuses it
     outcomes = await asyncio.gather(
-        *(beat(db, i, app_version=v) for i, v in zip(ids, versions, strict=True)),
+        *(beat(db, i, battery_pct=v) for i, v in zip(ids, levels, strict=True)),
         return_exceptions=True,
     )
     assert isinstance(outcomes[1], BadRequest)
@@ -141,8 +141,8 @@ async def test_a_call_the_database_refuses_fails_alone(client, org, fleet, state
     # The batch failed as a whole, then every call ran alone.
     assert statements == [QUERY] * (1 + len(ids))
     for n, device_id in enumerate(ids):
-        want = DEVICE_DEFAULTS["app_version"] if n == 1 else versions[n]
-        assert (await stored(client, org, device_id))["app_version"] == want
+        want = DEVICE_DEFAULTS["capabilities"]["battery_pct"] if n == 1 else levels[n]
+        assert (await stored(client, org, device_id))["battery_pct"] == want
 
 
 async def test_one_device_twice_in_a_turn_keeps_the_later_reported_values(client, org, fleet):
