@@ -1,9 +1,11 @@
 """State dicts as values: manifests, checks and the flat-vector layout.
 
 A *state dict* is a ``dict[str, numpy.ndarray]`` in this package. Every
-uploaded update passes through :func:`check_matches` and :func:`check_finite`
-and then :func:`flatten`, so these functions make one pass over the data and
-allocate nothing the size of a tensor beyond their result. The byte codecs
+update a device sends is decoded by :func:`decode_update` (its safetensors
+header compared with the manifest before any tensor is read), passes
+:func:`check_bounded` and then :func:`flatten`, so these functions make one
+pass over the data and allocate nothing the size of a tensor beyond their
+result. The byte codecs
 (safetensors and weights-only torch files) live in
 :mod:`fedrpc.fl.tensor_codecs` and are re-exported here.
 
@@ -18,7 +20,7 @@ Numpy keeps the metadata through views, copies and arithmetic on the array;
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -34,7 +36,19 @@ from fedrpc.fl._dtypes import (
     quote_name,
 )
 from fedrpc.fl._errors import InvalidInput
-from fedrpc.fl.tensor_codecs import decode_state_dict, encode_safetensors, encode_torch
+from fedrpc.fl.tensor_codecs import (
+    decode_state_dict,
+    encode_safetensors,
+    encode_torch,
+    safetensors_layout,
+)
+
+#: Largest magnitude a device's tensor value may have. With it, a FedAvg sum
+#: of 100,000 updates weighted by up to 10^9 samples each stays below 1e26,
+#: squares (FedAdam, FedYogi, Krum distances over 10^13 coordinates) below
+#: 1e38: the float32 accumulators cannot overflow, whatever devices send.
+#: No trained network comes near it; it is also the bound on reported metrics.
+MAX_ABS_VALUE = 1e12
 
 # Bounded temporaries for check_finite: 256 Ki elements is a 256 KB bool
 # array, small enough for L2 and large enough that the Python loop costs
@@ -46,9 +60,12 @@ __all__ = [
     "FLOATING_DTYPES",
     "SUPPORTED_DTYPES",
     "TensorSpec",
+    "MAX_ABS_VALUE",
+    "check_bounded",
     "check_finite",
     "check_matches",
     "decode_state_dict",
+    "decode_update",
     "dtype_name",
     "encode_safetensors",
     "encode_torch",
@@ -58,6 +75,7 @@ __all__ = [
     "manifest_to_json",
     "quote_name",
     "unflatten",
+    "update_norm",
 ]
 
 
@@ -125,25 +143,70 @@ def check_matches(state: Mapping[str, np.ndarray], manifest: Iterable[TensorSpec
     InvalidInput
         Naming the first difference in manifest order.
     """
+    _compare(
+        {n: tuple(a.shape) for n, a in state.items()},
+        lambda name: dtype_name(state[name], name),
+        manifest,
+    )
+
+
+def _compare(
+    shapes: Mapping[str, tuple[int, ...]],
+    dtype_of: Callable[[str], str],
+    manifest: Iterable[TensorSpec],
+) -> None:
+    """Names, then shapes and dtypes against the manifest, in manifest order."""
     specs = list(manifest)
     expected = {s.name for s in specs}
     for spec in specs:
-        if spec.name not in state:
+        if spec.name not in shapes:
             raise InvalidInput(f"missing tensor {quote_name(spec.name)}")
-    for name in state:
+    for name in shapes:
         if name not in expected:
             raise InvalidInput(f"unexpected tensor {quote_name(name)}")
     for spec in specs:
-        array = state[spec.name]
-        if tuple(array.shape) != spec.shape:
+        shape = shapes[spec.name]
+        if shape != spec.shape:
             raise InvalidInput(
-                f"shape of {quote_name(spec.name)} is {list(array.shape)}, expected {list(spec.shape)}"
+                f"shape of {quote_name(spec.name)} is {list(shape)}, expected {list(spec.shape)}"
             )
-        actual = dtype_name(array, spec.name)
+        actual = dtype_of(spec.name)
         if actual != spec.dtype:
             raise InvalidInput(
                 f"dtype of {quote_name(spec.name)} is {actual}, expected {spec.dtype}"
             )
+
+
+def decode_update(
+    data: bytes, encoding: str, manifest: Iterable[TensorSpec], *, field: str = "weights"
+) -> dict[str, np.ndarray]:
+    """Decode a device's tensors, refusing a file that differs from ``manifest`` before reading it.
+
+    Devices send safetensors only. The file's header (names, dtypes, shapes,
+    offsets; see :func:`~fedrpc.fl.tensor_codecs.safetensors_layout`) is
+    compared with the manifest first, so a header declaring a huge shape is
+    refused without allocating anything; then the tensors are read, at most
+    ``len(data)`` bytes of them. The torch encoding is refused: its loader
+    builds tensors (and their storages) from a pickle before any shape can
+    be compared, so its cost cannot be bounded by the manifest up front.
+
+    Raises
+    ------
+    InvalidInput
+        Another encoding, a malformed file, or tensors whose names, shapes or
+        dtypes differ from the manifest.
+    """
+    if encoding != "safetensors":
+        raise InvalidInput(
+            f"{field}: devices send safetensors; the {encoding!r} encoding is not accepted "
+            "from devices"
+        )
+    specs = list(manifest)
+    layout = safetensors_layout(data, field=field)
+    _compare({n: shape for n, (_, shape) in layout.items()}, lambda n: layout[n][0], specs)
+    state = decode_state_dict(data, "safetensors", field=field)
+    check_matches(state, specs)
+    return state
 
 
 def check_finite(state: Mapping[str, np.ndarray]) -> None:
@@ -165,6 +228,57 @@ def check_finite(state: Mapping[str, np.ndarray]) -> None:
         for start in range(0, flat.size, _FINITE_CHUNK):
             if not np.isfinite(flat[start : start + _FINITE_CHUNK]).all():
                 raise InvalidInput(f"tensor {quote_name(name)} contains NaN or infinite values")
+
+
+def check_bounded(state: Mapping[str, np.ndarray], max_abs: float = MAX_ABS_VALUE) -> None:
+    """Refuse NaN, infinite, or finite values of magnitude above ``max_abs`` in any floating tensor.
+
+    One pass in chunks of :data:`_FINITE_CHUNK` elements (a min and a max,
+    no temporary array): NaN fails both comparisons, so it is caught too.
+
+    Raises
+    ------
+    InvalidInput
+        Naming the first tensor (in iteration order) with such a value.
+    """
+    for name, array in state.items():
+        if array.dtype.kind != "f":
+            continue
+        flat = array.reshape(-1)
+        for start in range(0, flat.size, _FINITE_CHUNK):
+            chunk = flat[start : start + _FINITE_CHUNK]
+            # As Python floats: comparing a float16 array's values with 1e12 would cast 1e12.
+            if -max_abs <= float(chunk.min()) and float(chunk.max()) <= max_abs:
+                continue
+            if not np.isfinite(chunk).all():
+                raise InvalidInput(f"tensor {quote_name(name)} contains NaN or infinite values")
+            raise InvalidInput(
+                f"tensor {quote_name(name)} has values of magnitude above {max_abs:g}"
+            )
+
+
+def update_norm(
+    state: Mapping[str, np.ndarray],
+    manifest: Iterable[TensorSpec],
+    base: Mapping[str, np.ndarray] | None = None,
+) -> float:
+    """The L2 norm of an update's delta over its floating tensors, in float64.
+
+    With ``base`` (an update of full weights) the delta is ``state - base``;
+    without it ``state`` is the delta itself. Chunked, so the float64
+    temporaries stay small; the sum of squares cannot overflow float64 for
+    values within :data:`MAX_ABS_VALUE`.
+    """
+    total = 0.0
+    for spec in _floating(manifest):
+        flat = state[spec.name].reshape(-1)
+        ref = None if base is None else base[spec.name].reshape(-1)
+        for start in range(0, flat.size, _FINITE_CHUNK):
+            chunk = flat[start : start + _FINITE_CHUNK].astype(np.float64)
+            if ref is not None:
+                chunk -= ref[start : start + _FINITE_CHUNK]
+            total += float(np.dot(chunk, chunk))
+    return float(np.sqrt(total))
 
 
 def _floating(manifest: Iterable[TensorSpec]) -> list[TensorSpec]:

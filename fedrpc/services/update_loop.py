@@ -24,12 +24,15 @@ from fedrpc.errors import AppError, PreconditionFailed
 from fedrpc.fl import InvalidInput
 from fedrpc.fl.aggregate import ROBUST, Outcome, aggregate_robust, aggregate_streaming
 from fedrpc.fl.tensors import (
+    MAX_ABS_VALUE,
+    check_bounded,
     check_finite,
-    check_matches,
     decode_state_dict,
+    decode_update,
     flatten,
     unflatten,
 )
+from fedrpc.services.selection import expected_cohort
 from fedrpc.storage import Storage
 from schemas.training import Round
 
@@ -47,6 +50,17 @@ class UpdateRow(msgspec.Struct):
     sample_count: int
     encoding: str
     metrics: dict[str, Any]
+
+
+def cap_sample_counts(rows: list[UpdateRow], cap: int) -> list[UpdateRow]:
+    """The rows with each sample_count cut to the round's max_sample_count.
+
+    Uploads above the cap are refused; this is the second line of defence, so
+    no update outweighs the cap in the aggregate, its metrics or its totals.
+    """
+    return [
+        r if r.sample_count <= cap else msgspec.structs.replace(r, sample_count=cap) for r in rows
+    ]
 
 
 class RoundFailed(AppError):
@@ -94,9 +108,10 @@ def checked_vector(data: bytes, row: UpdateRow, manifest) -> np.ndarray:
     if hashlib.sha256(data).hexdigest() != row.sha256:
         raise RoundFailed(f"update {row.id} changed in storage since it was accepted")
     try:
-        state = decode_state_dict(data, row.encoding, field=f"update {row.id}")
-        check_matches(state, manifest)
-        check_finite(state)
+        # The same checks as at upload: the header against the manifest before any
+        # tensor is read, safetensors only, values within MAX_ABS_VALUE.
+        state = decode_update(data, row.encoding, manifest, field=f"update {row.id}")
+        check_bounded(state, MAX_ABS_VALUE)
     except InvalidInput as exc:
         raise RoundFailed(f"update {row.id} is unusable: {exc}") from None
     return flatten(state, manifest)
@@ -133,8 +148,13 @@ def compute(
                 memory_budget_bytes=MEMORY_BUDGET_BYTES,
             )
     else:
+        # The fixed-denominator DP estimator divides by the expected Poisson cohort q N.
         dp = (
-            (rnd.dp_config["noise_multiplier"], rnd.dp_config["clipping_norm"])
+            (
+                rnd.dp_config["noise_multiplier"],
+                rnd.dp_config["clipping_norm"],
+                expected_cohort(rnd),
+            )
             if rnd.dp_config
             else None
         )

@@ -12,10 +12,10 @@ from fedrpc.context import Context
 from fedrpc.db import jsonb
 from fedrpc.errors import BadRequest, PreconditionFailed
 from fedrpc.fl.tensors import (
+    MAX_ABS_VALUE,
     TensorSpec,
-    check_finite,
-    check_matches,
-    decode_state_dict,
+    check_bounded,
+    decode_update,
     encode_safetensors,
     manifest_from_json,
 )
@@ -55,10 +55,13 @@ async def latest_manifest(ctx: Context, model: Model, p: UpdateParams) -> list[T
 
 
 def _checked_weights(data: bytes, encoding: str, expected: list[TensorSpec]) -> bytes:
-    """Decode, check and re-encode the weights (runs in a worker thread)."""
-    state = decode_state_dict(data, encoding, field="weights")
-    check_matches(state, expected)
-    check_finite(state)
+    """Decode, check and re-encode the weights (runs in a worker thread).
+
+    Safetensors only, its header compared with the manifest before any tensor
+    is read (the torch encoding is refused from devices: ``decode_update``).
+    """
+    state = decode_update(data, encoding, expected, field="weights")
+    check_bounded(state, MAX_ABS_VALUE)
     return encode_safetensors(state)
 
 

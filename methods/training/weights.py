@@ -1,7 +1,10 @@
 """training.weights.upload: a selected device hands in its update for a running round.
 
 Everything is checked before anything is stored: the round and the device's
-place in it, then the tensors themselves (decoded in a worker thread). The raw
+place in it, what the device claims (its sample_count against the round's
+cap, its metric names against the server's own), then the tensors
+themselves (decoded in a worker thread, the file's header compared with the
+manifest before any tensor is read). The raw
 bytes go to the artifact store under a fresh key first, then one row to
 Postgres; if the row cannot be written the object is deleted again, so neither
 exists without the other.
@@ -19,12 +22,15 @@ from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.db import constraint_message, jsonb
 from fedrpc.errors import BadRequest, Forbidden, PayloadTooLarge, PreconditionFailed
+from fedrpc.fl.metrics import SERVER_PREFIXES, reserved_names
 from fedrpc.fl.tensors import (
+    MAX_ABS_VALUE,
     TensorSpec,
-    check_finite,
-    check_matches,
+    check_bounded,
     decode_state_dict,
+    decode_update,
     manifest_from_json,
+    update_norm,
 )
 from fedrpc.registry import DEVICE, rpc_method
 from fedrpc.services.payloads import payload_bytes
@@ -55,6 +61,9 @@ class _Target(msgspec.Struct):
     state: str
     update_format: str
     deadline_at: datetime | None
+    max_sample_count: int
+    max_update_norm: float | None
+    base_weights_key: str | None
     open: bool
     selected: bool
     member: bool
@@ -63,18 +72,31 @@ class _Target(msgspec.Struct):
 
 @rpc_method(DEVICE)
 async def upload(ctx: Context, p: UploadParams) -> Update:
-    """Validate the round, the device's selection and every tensor, then store the bytes and one row.
+    """Validate the round, the device's selection, its claims and every tensor, then store the bytes and one row.
 
     Refusals: unknown round `not_found`; a device not selected for the round, or
     whose organization is no longer an active member of the round's federation,
     `forbidden`; a model, version or update_format other than the round's
     `bad_request`; a round that is not running or whose deadline has passed
-    (by the database clock) `precondition_failed` with `data.state`; tensors
-    whose names, shapes or dtypes differ from the base version's manifest, or
-    holding NaN/inf, `bad_request`; bytes well beyond what the manifest needs
-    `payload_too_large`; a second update from the same device `conflict`.
+    (by the database clock) `precondition_failed` with `data.state`.
+    What the device claims is bounded (the offer in `devices.sync` states the
+    bounds): a `sample_count` above the round's `max_sample_count` is refused
+    with `bad_request` (`data.field = "sample_count"`, `data.max_sample_count`),
+    not clipped; metric names the server reports itself (`dp_*`, `server_*`,
+    `num_clipped`, ...) `bad_request` with `data.names`. Weights are
+    safetensors: the `torch` encoding is refused for device updates with
+    `bad_request` (its loader allocates before shapes can be checked).
+    Tensors whose names, shapes or dtypes differ from the base version's
+    manifest (checked on the file's header, before any tensor is read), or
+    holding NaN, inf or values of magnitude above 1e12, `bad_request`; with a
+    `max_update_norm`, an update whose delta (for update_format "weights",
+    the difference to the base version) has a larger L2 norm `bad_request`
+    (`data.max_update_norm`, `data.update_norm`), not clipped; bytes well
+    beyond what the manifest needs `payload_too_large`; a second update from
+    the same device `conflict`.
     """
     target = await _open_target(ctx, p)
+    _check_claims(target, p)
     manifest = manifest_from_json(target.manifest)
     async with payload_bytes(ctx, {"weights": p.weights}, "weights") as blobs:
         data = blobs["weights"]
@@ -82,8 +104,35 @@ async def upload(ctx: Context, p: UploadParams) -> Update:
             raise PayloadTooLarge(
                 "weights: far larger than the tensors of the base version need", field="weights"
             )
-        await asyncio.to_thread(_check_update, data, p.encoding, manifest)
+        base = await _norm_base(ctx, target)
+        await asyncio.to_thread(_check_update, data, p.encoding, manifest, target, base)
         return await _store(ctx, p, data)
+
+
+def _check_claims(target: _Target, p: UploadParams) -> None:
+    if p.sample_count > target.max_sample_count:
+        raise BadRequest(
+            f"sample_count is above the round's max_sample_count {target.max_sample_count}",
+            field="sample_count",
+            max_sample_count=target.max_sample_count,
+        )
+    reserved = reserved_names(p.metrics)
+    if reserved:
+        raise BadRequest(
+            "metrics may not use the names of the server's own metrics",
+            field="metrics",
+            names=reserved,
+            reserved_prefixes=list(SERVER_PREFIXES),
+        )
+
+
+async def _norm_base(ctx: Context, target: _Target) -> bytes | None:
+    """The base version's weights, needed only to bound the norm of a full-weights update."""
+    if target.max_update_norm is None or target.update_format != "weights":
+        return None
+    if target.base_weights_key is None:
+        raise PreconditionFailed("the round's base version has no stored weights")
+    return await ctx.storage.get(target.base_weights_key)
 
 
 async def _find_target(ctx: Context, p: UploadParams) -> _Target:
@@ -139,11 +188,23 @@ def _max_update_bytes(manifest: list[TensorSpec]) -> int:
     )
 
 
-def _check_update(data: bytes, encoding: str, manifest: list[TensorSpec]) -> None:
-    """Decode and check the tensors (runs in a worker thread: megabytes of work)."""
-    state = decode_state_dict(data, encoding, field="weights")
-    check_matches(state, manifest)
-    check_finite(state)
+def _check_update(
+    data: bytes, encoding: str, manifest: list[TensorSpec], target: _Target, base: bytes | None
+) -> None:
+    """Decode and check the tensors and, if the round bounds it, their norm (worker thread)."""
+    state = decode_update(data, encoding, manifest, field="weights")
+    check_bounded(state, MAX_ABS_VALUE)
+    if target.max_update_norm is None:
+        return
+    base_state = None if base is None else decode_state_dict(base, "safetensors", field="base")
+    norm = update_norm(state, manifest, base_state)
+    if norm > target.max_update_norm:
+        raise BadRequest(
+            "the update's L2 norm is above the round's max_update_norm",
+            field="weights",
+            max_update_norm=target.max_update_norm,
+            update_norm=norm,
+        )
 
 
 async def _store(ctx: Context, p: UploadParams, data: bytes) -> Update:

@@ -21,15 +21,25 @@ class UploadParams(MutatingParams, kw_only=True):
     round_id: RoundId
     model_id: ModelId
     version: Version
-    sample_count: SampleCount
+    sample_count: Annotated[
+        SampleCount,
+        Meta(description="Examples trained on; at most the round's `max_sample_count` (offered)."),
+    ]
     update_format: Literal["delta", "weights"] = "delta"
-    encoding: StateEncoding = "safetensors"
+    encoding: Annotated[
+        StateEncoding,
+        Meta(description='Devices send "safetensors"; "torch" is refused for device updates.'),
+    ] = "safetensors"
     weights: Payload
     metrics: Annotated[
         dict[MetricName, MetricValue],
         Meta(
             max_length=32,
-            description="Training metrics of this update; `loss` and `accuracy` are indexed.",
+            description=(
+                "Training metrics of this update; `loss` and `accuracy` are indexed. Names the "
+                "server reports itself (`dp_*`, `server_*`, `secagg_*`, `num_clipped`, ...) "
+                "are refused."
+            ),
         ),
     ] = {}
 

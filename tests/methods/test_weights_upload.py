@@ -136,18 +136,18 @@ async def test_metrics_are_optional_and_loss_and_accuracy_then_null(client, rnd,
     assert update["loss"] is None and update["accuracy"] is None and update["metrics"] == {}
 
 
-async def test_torch_encoded_update_is_accepted(client, settings, rnd, devices):
+async def test_torch_encoded_update_is_refused_devices_send_safetensors(
+    client, settings, rnd, devices
+):
     buffer = io.BytesIO()
     torch.save({k: torch.from_numpy(v) for k, v in update_state(3).items()}, buffer)
-    update = await client.ok(
+    error = await client.error(
         "training.weights.upload",
         upload_params(rnd, buffer.getvalue(), encoding="torch"),
         devices[0]["token"],
     )
-    assert (
-        update["encoding"] == "torch"
-        and bucket_object(settings, bucket_keys(settings)[0]) == buffer.getvalue()
-    )
+    assert error["data"]["type"] == "bad_request" and "safetensors" in error["data"]["message"]
+    assert bucket_keys(settings) == []
 
 
 async def test_update_through_a_presigned_upload(client, settings, rnd, devices):

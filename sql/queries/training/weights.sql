@@ -1,6 +1,7 @@
 -- name: find_upload_target
--- A round as one device about to upload sees it: window (by the database clock), selection, membership, base manifest.
+-- A round as one device about to upload sees it: window (database clock), selection, membership, base manifest and weights, claim bounds.
 SELECT r.id, r.model_id, r.base_version, r.state, r.update_format, r.deadline_at,
+       r.max_sample_count, r.max_update_norm, a.object_key AS base_weights_key,
        (r.state = 'running' AND now() < r.deadline_at) AS open,
        EXISTS (SELECT 1 FROM round_devices AS d
                WHERE d.round_id = r.id AND d.device_id = %(device_id)s) AS selected,
@@ -11,6 +12,8 @@ SELECT r.id, r.model_id, r.base_version, r.state, r.update_format, r.deadline_at
        v.manifest
 FROM training_rounds AS r
 JOIN model_versions AS v ON v.model_id = r.model_id AND v.version = r.base_version
+LEFT JOIN model_artifacts AS a
+  ON a.model_id = r.model_id AND a.version = r.base_version AND a.kind = 'safetensors'
 WHERE r.id = %(round_id)s;
 
 -- name: insert_update
