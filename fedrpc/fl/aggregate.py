@@ -113,16 +113,20 @@ def aggregate_streaming(
     *,
     update_format: str,
     server_state: Mapping[str, np.ndarray] | None = None,
-    dp: tuple[float, float] | None = None,
+    dp: tuple[float, float, float] | None = None,
     rng: np.random.Generator | None = None,
 ) -> Outcome:
     """FedAvg-family aggregation reading each (vector, num_samples) once; O(model) memory.
 
-    With ``dp = (noise_multiplier, clipping_norm)`` every client's delta is
-    clipped, the deltas are averaged with equal weights (DP-FedAvg, McMahan et
-    al. 2018: sample weights would break the sensitivity bound) and Gaussian
-    noise of std ``noise_multiplier * clipping_norm / m`` is added; ``rng``
-    must then be a cryptographically seeded generator.
+    With ``dp = (noise_multiplier, clipping_norm, expected_count)`` every
+    client's delta is clipped, the clipped deltas are summed with equal
+    weights and divided by ``expected_count`` (``q N``, the expected Poisson
+    cohort: the fixed-denominator estimator of DP-FedAvg, McMahan et al.
+    2018), and Gaussian noise of std ``noise_multiplier * clipping_norm /
+    expected_count`` is added; ``rng`` must then be a cryptographically
+    seeded generator. The outcome's metrics then hold only ``dp_noise_std``
+    and ``dp_expected_updates``, which depend on the round's settings and not
+    on any device: the update count and the number clipped stay unpublished.
     """
     p = check_strategy(name, params, dp=dp is not None)
     if name not in STREAMING:
@@ -136,6 +140,7 @@ def aggregate_streaming(
             size,
             noise_multiplier=dp[0],
             clipping_norm=dp[1],
+            expected_count=dp[2],
             base=base if update_format == "weights" else None,
         )
         for vector, _samples in updates:
@@ -144,11 +149,7 @@ def aggregate_streaming(
             raise InvalidInput("there are no updates to aggregate")
         noised = acc.finish(rng)
         mean_delta = noised.vector
-        metrics = {
-            "dp_fraction_clipped": noised.fraction_clipped,
-            "dp_noise_std": noised.noise_std,
-            "dp_num_clipped": float(noised.num_clipped),
-        }
+        metrics = {"dp_noise_std": noised.noise_std, "dp_expected_updates": noised.expected_count}
     else:
         avg = FedAvgAccumulator(size)
         for vector, samples in updates:

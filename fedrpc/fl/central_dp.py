@@ -1,22 +1,33 @@
-"""Central differential privacy for aggregation: clip, average, add Gaussian noise.
+"""Central differential privacy for aggregation: clip, sum, divide by the expected cohort, noise.
 
-Implements the server side of DP-FedAvg (McMahan et al. 2018, "Learning
-Differentially Private Recurrent Language Models", ICLR): every client delta
-is clipped to L2 norm ``clipping_norm`` over the whole flat vector, the
-clipped deltas are averaged with **uniform** weights, and Gaussian noise of
-standard deviation ``noise_multiplier * clipping_norm / m`` is added to the
-average (``m`` = number of updates).
+Implements the server side of DP-FedAvg with the **fixed-denominator
+estimator** of McMahan, Ramage, Talwar & Zhang 2018, "Learning
+Differentially Private Recurrent Language Models" (ICLR), Algorithm 1 (the
+estimator they write f~_f, with every user's weight 1 so W = N). Every
+client delta is clipped to L2 norm
+``clipping_norm`` (C) over the whole flat vector, the clipped deltas are
+**summed** and divided by the *expected* cohort size ``W = q N`` (``q`` the
+Poisson sampling rate, ``N`` the eligible population), never by the
+realised number of updates ``m``, and Gaussian noise of standard deviation
+``z C / (q N)`` is added to that average.
+
+Why the fixed denominator: under add/remove-one-device neighbours the
+clipped sum changes by at most ``C``; dividing by the constant ``q N`` keeps
+the sensitivity of the average at ``C / (q N)``, and the noise is calibrated
+to exactly that. Dividing by the realised ``m`` (which itself changes by one
+with the device) does not have that sensitivity bound: removing a device
+also rescales every other device's contribution. The estimator is unbiased
+for the population mean of clipped deltas under Poisson sampling; its
+variance is higher than the ratio estimator's when ``m`` strays from
+``q N``, which is the price of the honest sensitivity.
 
 Why uniform weights: with sample weights ``n_k / sum n`` one client's
-contribution to the average can reach ``clipping_norm`` itself (a client with
-most of the samples), so the sensitivity bound ``clipping_norm / m`` behind
-the noise scale would not hold. DP-FedAvg bounds each user's influence by
-clipping and equal weighting; the number of examples is ignored here.
+contribution can reach ``C`` itself, so the bound would not hold. Sample
+counts are ignored here.
 
-The noise std on the mean is ``z C / m``, i.e. the Gaussian mechanism with
-multiplier ``z`` on the clipped sum (sensitivity ``C`` for adding or removing
-one client); turning ``z``, the sampling rate and the number of rounds into
-an epsilon is the accountant's job (:mod:`fedrpc.fl.privacy`).
+The noise std on the sum is ``z C``: the Gaussian mechanism with multiplier
+``z`` at sensitivity ``C``; turning ``z``, the sampling rate and the number
+of rounds into an epsilon is the accountant's job (:mod:`fedrpc.fl.privacy`).
 """
 
 from __future__ import annotations
@@ -47,15 +58,19 @@ class DPAggregate:
     Attributes
     ----------
     vector : numpy.ndarray
-        Mean of the clipped deltas plus Gaussian noise, flat float32.
+        Sum of the clipped deltas divided by the expected cohort size
+        ``q N``, plus Gaussian noise; flat float32.
     num_updates : int
-        m, the number of deltas averaged.
+        m, the number of deltas summed (not to be published un-noised).
     num_clipped : int
         How many deltas had a norm above the clipping norm.
     fraction_clipped : float
         ``num_clipped / num_updates``.
     noise_std : float
-        Standard deviation of the noise added to each coordinate of the mean.
+        Standard deviation of the noise added to each coordinate of the
+        average, ``z C / (q N)``.
+    expected_count : float
+        ``q N``, the denominator.
     """
 
     vector: np.ndarray
@@ -63,10 +78,15 @@ class DPAggregate:
     num_clipped: int
     fraction_clipped: float
     noise_std: float
+    expected_count: float
 
 
 class CentralDPAccumulator:
-    """DP-FedAvg aggregation, streamed one client delta at a time.
+    """DP-FedAvg aggregation with the fixed-denominator estimator, one client delta at a time.
+
+    The result is ``(sum_k clip(delta_k)) / (q N) + Normal(0, (z C / (q N))^2)``
+    per coordinate (McMahan et al. 2018, "Learning Differentially Private
+    Recurrent Language Models", ICLR).
 
     Parameters
     ----------
@@ -75,7 +95,11 @@ class CentralDPAccumulator:
     clipping_norm : float
         C > 0, the L2 bound of each client's delta.
     noise_multiplier : float
-        z >= 0; the noise std on the mean is ``z * C / m``. 0 clips only.
+        z >= 0; the noise std on the average is ``z * C / expected_count``.
+        0 clips only.
+    expected_count : float
+        ``q N`` > 0, the expected cohort size under Poisson sampling at rate
+        ``q`` over ``N`` eligible devices: the fixed denominator.
     base : numpy.ndarray, optional
         The round's global model. When given, :meth:`add` receives full
         client weights and clips ``weights - base``; the result is still the
@@ -88,9 +112,11 @@ class CentralDPAccumulator:
         *,
         clipping_norm: float,
         noise_multiplier: float,
+        expected_count: float,
         base: np.ndarray | None = None,
     ) -> None:
         self.clipping_norm = check_positive("clipping_norm", clipping_norm)
+        self.expected_count = check_positive("expected_count", expected_count)
         if (
             isinstance(noise_multiplier, bool)
             or not isinstance(noise_multiplier, numbers.Real)
@@ -135,13 +161,13 @@ class CentralDPAccumulator:
         return norm
 
     def finish(self, rng: np.random.Generator) -> DPAggregate:
-        """The noised mean; ``rng`` is the caller's (cryptographically seeded) generator."""
+        """The noised average; ``rng`` is the caller's (cryptographically seeded) generator."""
         if not isinstance(rng, np.random.Generator):
             raise InvalidInput("rng must be a numpy.random.Generator")
         m = self._sum.count
-        total = self._sum.finish()
-        std = self.noise_multiplier * self.clipping_norm / m
-        np.divide(total, np.float64(m), out=total, casting="same_kind")
+        # The clipped sum over the fixed denominator q N, rounded once to float32.
+        total, _ = self._sum.finish_mean(self.expected_count)
+        std = self.noise_multiplier * self.clipping_norm / self.expected_count
         if std > 0:
             for a in range(0, total.size, _NOISE_CHUNK):
                 b = min(a + _NOISE_CHUNK, total.size)
@@ -155,4 +181,5 @@ class CentralDPAccumulator:
             num_clipped=self.num_clipped,
             fraction_clipped=self.num_clipped / m,
             noise_std=std,
+            expected_count=self.expected_count,
         )

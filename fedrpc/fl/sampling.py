@@ -1,8 +1,13 @@
-"""Client selection for a round: uniform sampling without replacement, optionally stratified.
+"""Client selection for a round: Poisson sampling for DP rounds, else uniform or stratified.
 
-Uniform selection among the eligible population is what the privacy analysis
-of subsampled mechanisms assumes; the sampling rate passed to the accountant
-is ``len(selected) / len(eligible)``.
+Rounds with central differential privacy are selected by **Poisson
+sampling** (:func:`poisson_select`): each eligible device is included
+independently with probability ``q``, so the selection size is
+Binomial(N, q). That is the sampling the privacy accountant
+(:mod:`fedrpc.fl.privacy`, the Poisson-subsampled Gaussian mechanism)
+assumes, and ``q`` is the rate it is charged with. Fixed-size sampling
+without replacement (:func:`select_devices`), stratified or not, serves
+rounds without DP; no accountant here is proven for it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import numpy as np
 
 from fedrpc.fl._errors import InvalidInput
 
-__all__ = ["select_devices"]
+__all__ = ["poisson_rate", "poisson_select", "select_devices"]
 
 
 def _quota(total: int, k: int, strata: dict[str, int]) -> dict[str, int]:
@@ -85,3 +90,70 @@ def select_devices(
         ids = strata[stratum]
         chosen += [ids[i] for i in rng.choice(len(ids), size=quota[stratum], replace=False)]
     return sorted(chosen)
+
+
+def poisson_rate(target: int, eligible_count: int, fraction: float | None = None) -> float:
+    """The inclusion probability of a Poisson-sampled round.
+
+    ``q = min(1, target / eligible_count, fraction)``: the expected cohort
+    ``q * eligible_count`` is the round's target device count, at most the
+    given fraction of the eligible population (the same caps as
+    :func:`select_devices`), and at most everyone.
+
+    Parameters
+    ----------
+    target : int
+        The round's ``target_device_count`` (>= 1).
+    eligible_count : int
+        N, the number of eligible devices (>= 1).
+    fraction : float, optional
+        ``criteria.fraction`` in (0, 1].
+
+    Returns
+    -------
+    float
+        q in (0, 1].
+    """
+    if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+        raise InvalidInput("target_device_count must be at least 1")
+    if (
+        isinstance(eligible_count, bool)
+        or not isinstance(eligible_count, int)
+        or eligible_count < 1
+    ):
+        raise InvalidInput("Poisson sampling needs at least one eligible device")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise InvalidInput("fraction must be in (0, 1]")
+    return min(1.0, target / eligible_count, 1.0 if fraction is None else float(fraction))
+
+
+def poisson_select(eligible: Sequence[str], q: float, rng: np.random.Generator) -> list[str]:
+    """Include each eligible device independently with probability ``q``.
+
+    The selection size is Binomial(len(eligible), q) and may be 0: an empty
+    draw is a legitimate outcome, which the caller must handle.
+
+    Parameters
+    ----------
+    eligible : sequence of str
+        The eligible device ids; their order does not matter (they are sorted
+        first, so a seed reproduces a selection).
+    q : float
+        The inclusion probability, in (0, 1].
+    rng : numpy.random.Generator
+        Seeded by the caller; the seed is recorded with the round.
+
+    Returns
+    -------
+    list of str
+        The selected device ids, sorted.
+    """
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 < q <= 1:
+        raise InvalidInput(f"the sampling rate must be in (0, 1], got {q!r}")
+    if not isinstance(rng, np.random.Generator):
+        raise InvalidInput("rng must be a numpy.random.Generator")
+    population = sorted(set(eligible))
+    if len(population) != len(eligible):
+        raise InvalidInput("eligible device ids must be distinct")
+    keep = rng.random(len(population)) < q
+    return [d for d, k in zip(population, keep, strict=True) if k]

@@ -30,12 +30,13 @@ from fedrpc.errors import (
 )
 from fedrpc.fl import InvalidInput
 from fedrpc.fl.aggregate import check_strategy
-from fedrpc.fl.metrics import weighted_means
+from fedrpc.fl.metrics import version_metrics
 from fedrpc.fl.privacy import RoundCharge
 from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, manifest_from_json
 from fedrpc.services.policy import check_federation_round, check_round_mix
 from fedrpc.services.privacy_budget import DEFAULT_DELTA, charge_round, price
-from fedrpc.services.update_loop import RoundFailed, UpdateRow, compute
+from fedrpc.services.selection import poisson_selected
+from fedrpc.services.update_loop import RoundFailed, UpdateRow, cap_sample_counts, compute
 from fedrpc.services.version_artifacts import encode_weights, export_graphs
 from fedrpc.services.versions import publish_version
 from fedrpc.storage import Storage
@@ -122,7 +123,10 @@ async def aggregate_round(
         )
     except InvalidInput as exc:
         raise BadRequest(str(exc)) from None
-    rows = await db.all("training.aggregate.list_round_updates", UpdateRow, round_id=round_id)
+    rows = cap_sample_counts(
+        await db.all("training.aggregate.list_round_updates", UpdateRow, round_id=round_id),
+        rnd.max_sample_count,
+    )
     needed = min_updates or rnd.min_updates
     if len(rows) < needed:
         raise PreconditionFailed(
@@ -187,7 +191,12 @@ async def _aggregate_claimed(
     outcome, new_state = await asyncio.to_thread(
         compute, storage, rnd, strategy, params, rows, manifest, base_bytes, server_state
     )
-    metrics = {**weighted_means([(r.metrics, r.sample_count) for r in rows]), **outcome.metrics}
+    metrics = version_metrics([(r.metrics, r.sample_count) for r in rows], outcome.metrics)
+    private = rnd.dp_config is not None
+    if private:
+        # A DP version publishes nothing un-noised that depends on single devices: no update
+        # count, sample total, client metrics or number clipped (docs/privacy.md).
+        metrics = dict(outcome.metrics)
     state_object = None
     if outcome.server_state:
         key = f"models/{rnd.model_id}/server-state/{secrets.token_hex(12)}.safetensors"
@@ -231,8 +240,8 @@ async def _aggregate_claimed(
             parent_version=rnd.base_version,
             round_id=rnd.id,
             strategy=strategy,
-            num_updates=len(rows),
-            total_samples=sum(r.sample_count for r in rows),
+            num_updates=0 if private else len(rows),
+            total_samples=0 if private else sum(r.sample_count for r in rows),
             metrics=metrics,
             published=publish,
             along_with=along_with,
@@ -250,13 +259,17 @@ async def _part(graphs: asyncio.Future[dict[str, bytes]], kind: str) -> bytes:
 
 
 async def _privacy_charge(db: Database, rnd: Round) -> RoundCharge:
-    """The round's charge to its federation's ledger, refused if it would pass the budget."""
-    selected = await db.value("training.aggregate.count_round_devices", round_id=rnd.id)
-    charge = RoundCharge(
-        rnd.dp_config["noise_multiplier"],
-        min(1.0, selected / (rnd.eligible_count or selected)),
-        1,
-    )
+    """The round's charge to its federation's ledger, refused if it would pass the budget.
+
+    The sampling rate charged is the one the round's Poisson selection used, as recorded
+    with the round; a DP round selected any other way cannot be accounted and fails.
+    """
+    if not poisson_selected(rnd):
+        raise RoundFailed(
+            "a differentially private round must be selected by Poisson sampling "
+            "(training.select_devices) to be accounted"
+        )
+    charge = RoundCharge(rnd.dp_config["noise_multiplier"], rnd.sample_rate, 1)
     budget = await db.get(
         "training.aggregate.get_federation_budget", _Budget, federation_id=rnd.federation_id
     )

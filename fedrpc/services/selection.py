@@ -5,6 +5,13 @@ transaction that holds the round's row lock, so two calls cannot both
 select. The seed, the criteria, the eligible count, the method and the
 sampling rate are stored with the round: the privacy accountant is charged
 with the rate the selection actually used.
+
+A round with differential privacy is selected by Poisson sampling at
+``q = min(1, target_device_count / eligible, criteria.fraction)``
+(:func:`fedrpc.fl.sampling.poisson_rate`); stratified selection is refused
+for it, since no accountant here covers it. An empty Poisson draw records
+nothing: the round stays pending and a retry is a fresh, independent draw
+(docs/privacy.md, "Selection").
 """
 
 from __future__ import annotations
@@ -15,7 +22,8 @@ import msgspec
 import numpy as np
 
 from fedrpc.db import Database, jsonb
-from fedrpc.errors import PreconditionFailed
+from fedrpc.errors import BadRequest, PreconditionFailed
+from fedrpc.fl.sampling import poisson_rate, poisson_select
 from fedrpc.fl.sampling import select_devices as sample
 from schemas.training import Criteria, Round
 
@@ -59,24 +67,9 @@ async def select_for_round(
             max_app_version=c.max_app_version,
         )
         seed = secrets.randbits(63)
-        chosen = sample(
-            [(d.id, d.platform) for d in eligible],
-            locked.target_device_count,
-            np.random.default_rng(seed),
-            fraction=c.fraction,
-            stratify=c.stratify_by_platform,
-        )
-        if not chosen:
-            raise PreconditionFailed(
-                "no device meets the criteria", state=locked.state, eligible_count=0
-            )
-        selection = Selection(
-            chosen=chosen,
-            eligible_count=len(eligible),
-            seed=seed,
-            method="stratified" if c.stratify_by_platform else "uniform",
-            sample_rate=len(chosen) / len(eligible),
-        )
+        pick = _poisson if locked.dp_config is not None else _fixed_size
+        selection = pick(eligible, locked, c, seed)
+        chosen = selection.chosen
         await tx.run("training.insert_round_devices", round_id=round_id, device_ids=chosen)
         await tx.run(
             "training.update_round_selected",
@@ -88,3 +81,64 @@ async def select_for_round(
             sample_rate=selection.sample_rate,
         )
     return selection
+
+
+def _fixed_size(eligible: list[EligibleDevice], rnd: Round, c: Criteria, seed: int) -> Selection:
+    """A round without DP: up to target_device_count devices, uniformly (or per platform)."""
+    chosen = sample(
+        [(d.id, d.platform) for d in eligible],
+        rnd.target_device_count,
+        np.random.default_rng(seed),
+        fraction=c.fraction,
+        stratify=c.stratify_by_platform,
+    )
+    if not chosen:
+        raise PreconditionFailed("no device meets the criteria", state=rnd.state, eligible_count=0)
+    return Selection(
+        chosen=chosen,
+        eligible_count=len(eligible),
+        seed=seed,
+        method="stratified" if c.stratify_by_platform else "uniform",
+        sample_rate=len(chosen) / len(eligible),
+    )
+
+
+def _poisson(eligible: list[EligibleDevice], rnd: Round, c: Criteria, seed: int) -> Selection:
+    """A DP round's selection: each eligible device independently with probability q."""
+    if c.stratify_by_platform:
+        raise BadRequest(
+            "stratified selection is not accounted for differential privacy; "
+            "a DP round is selected by Poisson sampling",
+            field="criteria.stratify_by_platform",
+        )
+    if not eligible:
+        raise PreconditionFailed("no device meets the criteria", state=rnd.state, eligible_count=0)
+    q = poisson_rate(rnd.target_device_count, len(eligible), c.fraction)
+    chosen = poisson_select([d.id for d in eligible], q, np.random.default_rng(seed))
+    if not chosen:
+        # Nothing is recorded or charged: no device's update was used. A retry is a new draw.
+        raise PreconditionFailed(
+            "the Poisson draw selected no device; the round stays pending, select again",
+            state=rnd.state,
+            eligible_count=len(eligible),
+            sample_rate=q,
+        )
+    return Selection(
+        chosen=chosen, eligible_count=len(eligible), seed=seed, method="poisson", sample_rate=q
+    )
+
+
+def poisson_selected(rnd: Round) -> bool:
+    """Whether the round's devices were drawn by Poisson sampling, with its rate recorded."""
+    return (
+        rnd.selection_method == "poisson"
+        and rnd.sample_rate is not None
+        and bool(rnd.eligible_count)
+    )
+
+
+def expected_cohort(rnd: Round) -> float:
+    """``q N``, a Poisson-selected round's expected cohort: the DP estimator's fixed denominator."""
+    if not poisson_selected(rnd):
+        raise PreconditionFailed("the round was not selected by Poisson sampling", state=rnd.state)
+    return float(rnd.sample_rate or 0.0) * int(rnd.eligible_count or 0)
