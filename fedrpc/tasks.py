@@ -8,14 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
 
 from fedrpc.context import Services
-from fedrpc.errors import AppError, PreconditionFailed
+from fedrpc.errors import (
+    AppError,
+    BadRequest,
+    Conflict,
+    NotFound,
+    PreconditionFailed,
+    PrivacyBudgetExhausted,
+)
 from fedrpc.services.round_aggregation import LEASE_SECONDS, aggregate_round
+from fedrpc.services.update_loop import RoundFailed
+from fedrpc.settings import Settings
 
 log = logging.getLogger("fedrpc.tasks")
 
 IDEMPOTENCY_WINDOW_SECONDS = 24 * 3600
+SECAGG_NO_RESULT = (
+    "the deadline passed without a SecAgg+ session result; a secure-aggregation round "
+    "is aggregated by its session, never from plain updates"
+)
 
 
 async def purge_idempotency_keys(services: Services) -> None:
@@ -24,23 +41,121 @@ async def purge_idempotency_keys(services: Services) -> None:
     )
 
 
+class DueRound(msgspec.Struct):
+    """A round this pass took up (``attempts`` counts this one)."""
+
+    id: str
+    org_id: str
+    attempts: int
+    secure_aggregation: bool
+    past_deadline: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What becomes of a due round that was not aggregated.
+
+    ``fail``: failed now with ``reason``; ``wait``: taken up again at its deadline;
+    ``retry``: taken up again after the back-off, failed once the attempts run out;
+    ``none``: nothing to do (another call aggregated, cancelled or failed it).
+    """
+
+    action: Literal["fail", "wait", "retry", "none"]
+    reason: str = ""
+
+
+NOTHING = Outcome("none")
+
+
 async def aggregate_due_rounds(services: Services) -> None:
-    """Rounds with auto_aggregate: aggregate when all selected devices have uploaded or the
-    deadline passed; fail them at the deadline when they have too few updates."""
-    for round_id in await services.db.column(
-        "training.aggregate.list_rounds_due", lease_seconds=LEASE_SECONDS
+    """One pass: take up at most ``aggregation_rounds_per_pass`` due auto rounds, round-robin
+    across organizations (docs/aggregation.md), and aggregate, fail or reschedule each."""
+    settings = services.settings
+    for rnd in await services.db.all(
+        "training.aggregate.claim_rounds_due",
+        DueRound,
+        max_rounds=settings.aggregation_rounds_per_pass,
+        lease_seconds=LEASE_SECONDS,
     ):
+        if rnd.attempts > settings.aggregation_max_attempts:
+            # Earlier attempts never settled: their worker died (a round that crashes it).
+            await _settle(services, rnd, Outcome("fail", "automatic aggregation never finished"))
+            continue
+        if rnd.secure_aggregation:
+            await _settle(services, rnd, secure_aggregation_outcome(rnd))
+            continue
         try:
-            await aggregate_round(services.db, services.storage, round_id)
-        except PreconditionFailed as exc:
-            if exc.details.get("received") is not None:  # too few updates
-                await services.db.run(
-                    "training.aggregate.update_round_failed_if_expired",
-                    round_id=round_id,
-                    reason=exc.message,
-                )
-        except AppError:
-            log.info("round %s was not aggregated automatically", round_id, exc_info=True)
+            await aggregate_round(services.db, services.storage, rnd.id)
+        except Exception as exc:
+            await _settle(services, rnd, outcome_of_failure(rnd, exc))
+
+
+def secure_aggregation_outcome(rnd: DueRound) -> Outcome:
+    """The rule for a due secure-aggregation round.
+
+    Its result can only come from its SecAgg+ session, which no stage hands over
+    yet: once its deadline passed it fails with the reason; before that it waits
+    for the deadline. The SecAgg+ issue refines this rule (aggregate a finished
+    session, give an unmasking session its own time) and nothing else.
+    """
+    if rnd.past_deadline:
+        return Outcome("fail", SECAGG_NO_RESULT)
+    return Outcome("wait", "waiting for its SecAgg+ session")
+
+
+def outcome_of_failure(rnd: DueRound, exc: Exception) -> Outcome:
+    """Permanent failures fail the round now; transient ones are retried with back-off."""
+    if isinstance(exc, Conflict) or (
+        isinstance(exc, PreconditionFailed) and "allowed" in exc.details
+    ):
+        return NOTHING  # no longer running, or another call is aggregating it
+    if isinstance(exc, PreconditionFailed):
+        # The round's updates do not meet its rules (too few, too few organizations):
+        # more may come until the deadline, none after it.
+        return Outcome("fail" if rnd.past_deadline else "wait", exc.message)
+    if isinstance(exc, RoundFailed | PrivacyBudgetExhausted | NotFound):
+        return NOTHING  # aggregate_round failed the round with the reason (or it is gone)
+    if isinstance(exc, BadRequest):
+        # The strategy cannot combine these updates, and they will not change.
+        return Outcome("fail", exc.message)
+    if isinstance(exc, AppError):
+        return Outcome("retry", exc.message)  # storage unreachable: it may pass
+    log.warning("automatic aggregation of round %s failed", rnd.id, exc_info=exc)
+    return Outcome("retry", "an internal error")
+
+
+def backoff_seconds(attempt: int, settings: Settings) -> float:
+    """Exponential back-off after the ``attempt``-th failed attempt (1-based), capped."""
+    exponent = min(attempt - 1, 62)
+    return min(
+        settings.aggregation_backoff_seconds * 2**exponent, settings.aggregation_backoff_max_seconds
+    )
+
+
+async def _settle(services: Services, rnd: DueRound, outcome: Outcome) -> None:
+    db, settings = services.db, services.settings
+    if outcome.action == "retry" and rnd.attempts >= settings.aggregation_max_attempts:
+        outcome = Outcome(
+            "fail",
+            f"automatic aggregation failed {rnd.attempts} times; last error: {outcome.reason}",
+        )
+    if outcome.action == "fail":
+        await db.run(
+            "training.aggregate.update_round_given_up",
+            round_id=rnd.id,
+            reason=outcome.reason,
+            lease_seconds=LEASE_SECONDS,
+        )
+    elif outcome.action in ("wait", "retry"):
+        delay = backoff_seconds(rnd.attempts, settings) if outcome.action == "retry" else 0.0
+        await db.run(
+            "training.aggregate.update_round_retry_later",
+            round_id=rnd.id,
+            delay_seconds=delay,
+            wait_for_deadline=outcome.action == "wait",
+            reason=outcome.reason,
+        )
+        log.info("round %s of %s: %s; taken up again later", rnd.id, rnd.org_id, outcome.reason)
 
 
 JOBS = (purge_idempotency_keys, aggregate_due_rounds)

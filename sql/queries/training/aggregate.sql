@@ -53,34 +53,67 @@ ON CONFLICT (model_id) DO UPDATE
 SET strategy = EXCLUDED.strategy, version = EXCLUDED.version, object_key = EXCLUDED.object_key,
     sha256 = EXCLUDED.sha256, updated_at = now();
 
--- name: list_rounds_due
--- Rounds that aggregate by themselves and are ready: every selected device has uploaded,
--- or the deadline has passed; plus aggregations whose lease expired.
-SELECT r.id FROM training_rounds AS r
-WHERE r.auto_aggregate AND (
-    (r.state = 'running' AND (
-        r.deadline_at <= now()
-        OR (SELECT count(*) FROM training_updates AS u WHERE u.round_id = r.id)
-           >= (SELECT count(*) FROM round_devices AS d WHERE d.round_id = r.id)
-           AND EXISTS (SELECT 1 FROM round_devices AS d WHERE d.round_id = r.id)))
-    OR (r.state = 'aggregating' AND r.aggregation_started_at < now() - make_interval(secs => %(lease_seconds)s)))
-ORDER BY r.deadline_at
-LIMIT 10;
+-- name: claim_rounds_due
+-- Lease up to max_rounds due auto rounds to one pass, counting the attempt: round-robin across organizations.
+-- A round is due when every selected device has uploaded or its deadline passed, when its back-off time
+-- (next_aggregation_at) has come, or when the worker aggregating it vanished (lease expired). Each
+-- organization's rounds take turns, oldest-due first; a turn goes to the organizations oldest-due first.
+-- The lease (next_aggregation_at in the future) keeps another process's pass off the same round.
+WITH due AS (
+    SELECT r.id, r.org_id,
+           coalesce(r.next_aggregation_at,
+                    CASE WHEN r.state = 'aggregating'
+                         THEN r.aggregation_started_at + make_interval(secs => %(lease_seconds)s)
+                         WHEN sel.n > 0 AND up.n >= sel.n THEN least(r.deadline_at, up.last_at)
+                         ELSE r.deadline_at END) AS due_at
+    FROM training_rounds AS r
+    CROSS JOIN LATERAL (SELECT count(*) AS n, max(u.received_at) AS last_at
+                        FROM training_updates AS u WHERE u.round_id = r.id) AS up
+    CROSS JOIN LATERAL (SELECT count(*) AS n FROM round_devices AS d WHERE d.round_id = r.id) AS sel
+    WHERE r.auto_aggregate AND r.state IN ('running', 'aggregating')
+      AND (r.next_aggregation_at IS NULL OR r.next_aggregation_at <= now())
+      AND ((r.state = 'running' AND (r.deadline_at <= now() OR (sel.n > 0 AND up.n >= sel.n)))
+           OR (r.state = 'aggregating'
+               AND r.aggregation_started_at < now() - make_interval(secs => %(lease_seconds)s)))
+), chosen AS (
+    SELECT id, due_at, row_number() OVER (PARTITION BY org_id ORDER BY due_at, id) AS turn
+    FROM due ORDER BY turn, due_at, id LIMIT %(max_rounds)s
+), claimed AS (
+    UPDATE training_rounds AS r
+    SET next_aggregation_at = now() + make_interval(secs => %(lease_seconds)s),
+        aggregation_attempts = r.aggregation_attempts + 1
+    FROM chosen
+    WHERE r.id = chosen.id AND r.state IN ('running', 'aggregating')
+      AND (r.next_aggregation_at IS NULL OR r.next_aggregation_at <= now())
+    RETURNING r.id, r.org_id, r.aggregation_attempts AS attempts,
+              r.secagg_config IS NOT NULL AS secure_aggregation, r.deadline_at <= now() AS past_deadline
+)
+SELECT claimed.id, claimed.org_id, claimed.attempts, claimed.secure_aggregation, claimed.past_deadline
+FROM claimed JOIN chosen USING (id)
+ORDER BY chosen.turn, chosen.due_at, chosen.id;
 
 -- name: get_round
 -- One round, unlocked (the claim above is what serializes aggregations).
 SELECT * FROM training_rounds WHERE id = %(round_id)s;
 
--- name: count_round_devices
--- How many devices were selected (the numerator of the sampling rate).
-SELECT count(*) FROM round_devices WHERE round_id = %(round_id)s;
-
 -- name: get_federation_budget
 -- The budget a DP round is charged against.
 SELECT total_epsilon_budget, total_delta_budget FROM federations WHERE id = %(federation_id)s;
 
--- name: update_round_failed_if_expired
--- running -> failed once its deadline has passed (too few updates arrived in time).
+-- name: update_round_given_up
+-- Auto-aggregation gives up: running (or aggregating by a vanished worker) -> failed, with the reason.
 UPDATE training_rounds
-SET state = 'failed', failure_reason = %(reason)s, finished_at = now(), updated_at = now()
-WHERE id = %(round_id)s AND state = 'running' AND deadline_at <= now();
+SET state = 'failed', failure_reason = %(reason)s, last_aggregation_error = %(reason)s, finished_at = now(),
+    aggregation_started_at = NULL, next_aggregation_at = NULL, updated_at = now()
+WHERE id = %(round_id)s
+  AND (state = 'running'
+       OR (state = 'aggregating' AND aggregation_started_at < now() - make_interval(secs => %(lease_seconds)s)));
+
+-- name: update_round_retry_later
+-- A running auto round not aggregated this time: take it up again after delay_seconds (or at its
+-- deadline when wait_for_deadline), and remember why.
+UPDATE training_rounds
+SET next_aggregation_at = greatest(now() + make_interval(secs => %(delay_seconds)s),
+                                   CASE WHEN %(wait_for_deadline)s THEN deadline_at END),
+    last_aggregation_error = %(reason)s
+WHERE id = %(round_id)s AND state = 'running';
