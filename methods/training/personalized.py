@@ -2,12 +2,14 @@
 
 One state per (device, model, federation); a state outside any federation is
 keyed with federation_id ''. A device writes and reads only its own state. An
-organization reads (never writes) the states of a federation it owns or is an
-active member of, and, outside federations, the states of its own devices; it
-names the device with `device_id` in get and metrics. Only the device and its
-own organization get a download link for the weights.
+organization reads (never writes) the states of its own devices only, in a
+federation it owns or is an active member of or outside any; it names the
+device with `device_id` in get and metrics. Another member's devices, their
+states, metrics and weights are never shown: `list` gives every member of the
+federation as `{org_id, devices}` (docs/design.md, "What another organization
+sees").
 
-Weights are decoded (safetensors or weights-only torch), checked and stored
+Weights are decoded (safetensors only: devices never send torch files), checked and stored
 re-encoded as safetensors under a fresh key: first the object, then the row in
 one transaction; a failed write deletes the new object, a committed write
 deletes the object it replaced. What the weights must hold:
@@ -52,6 +54,7 @@ from schemas.training.personalized import (
     UpdateParams,
     UpdateResult,
 )
+from schemas.training.updates import OrgDevices
 
 
 @rpc_method(DEVICE)
@@ -86,10 +89,8 @@ async def update(ctx: Context, p: UpdateParams) -> UpdateResult:
 
 async def _readable_device(
     ctx: Context, device_id: str | None, federation_id: str | None, model_id: str
-) -> tuple[str, bool]:
-    """The device whose state the caller may read (see the module notes), and whether it is
-    the caller's own (the device itself or its organization), or an error."""
-    owner = ctx.org_id
+) -> str:
+    """The device whose state the caller may read (see the module notes), or an error."""
     if ctx.principal.kind == "device":
         if device_id not in (None, ctx.principal.device_id):
             raise Forbidden("a device reads only its own personalized state")
@@ -102,25 +103,26 @@ async def _readable_device(
         owner = await ctx.db.value("training.personalized.find_device_org", device_id=device_id)
         if owner is None:
             raise NotFound("no device with this id")
+        if owner != ctx.org_id:
+            raise Forbidden(
+                "an organization reads only its own devices' states; other members' devices "
+                "are counted per organization in training.personalized.list"
+            )
         if federation_id is not None:
             await federation_for_member(ctx, federation_id)
-        elif owner != ctx.org_id:
-            raise Forbidden(
-                "outside a federation an organization reads only its own devices' states"
-            )
     await model_for_reading(ctx, model_id)
-    return device_id, owner == ctx.org_id
+    return device_id
 
 
 @rpc_method(ORG_OR_DEVICE)
 async def get(ctx: Context, p: GetParams) -> GetResult:
     """A state (null when there is none) and a presigned URL to download its weights, if any.
 
-    The URL is given to the device itself and to its own organization only:
-    other members of a federation see the state's metadata, never the weights
-    (personalized weights can reveal a device's data).
+    Only the device itself and its own organization read a state (another
+    member's device is `forbidden`): personalized weights and metrics can
+    reveal a device's data.
     """
-    device_id, own = await _readable_device(ctx, p.device_id, p.federation_id, p.model_id)
+    device_id = await _readable_device(ctx, p.device_id, p.federation_id, p.model_id)
     state = await ctx.db.maybe(
         "training.personalized.find_state",
         PersonalizedState,
@@ -128,9 +130,8 @@ async def get(ctx: Context, p: GetParams) -> GetResult:
         model_id=p.model_id,
         federation_id=p.federation_id or "",
     )
-    has_weights = state is not None and state.weights_key is not None
-    if not (has_weights and own):
-        return GetResult(state=state, has_personalized_weights=has_weights)
+    if state is None or state.weights_key is None:
+        return GetResult(state=state, has_personalized_weights=False)
     expires = ctx.settings.presign_expiry_seconds
     return GetResult(
         state=state,
@@ -143,7 +144,7 @@ async def get(ctx: Context, p: GetParams) -> GetResult:
 @rpc_method(ORG_OR_DEVICE)
 async def metrics(ctx: Context, p: MetricsParams) -> MetricsResult:
     """The metrics, type and round number of a state; `metrics` is null when there is no state."""
-    device_id, _ = await _readable_device(ctx, p.device_id, p.federation_id, p.model_id)
+    device_id = await _readable_device(ctx, p.device_id, p.federation_id, p.model_id)
     state = await ctx.db.maybe(
         "training.personalized.find_state",
         PersonalizedState,
@@ -174,14 +175,10 @@ async def metrics(ctx: Context, p: MetricsParams) -> MetricsResult:
 
 @rpc_method(ORG)
 async def list_(ctx: Context, p: ListParams) -> ListResult:
-    """The latest state per device, newest first: of a federation's devices, or without one of the caller's own."""
+    """The latest state per own device, newest first; every organization's part as a count."""
     if p.federation_id is not None:
         await federation_for_member(ctx, p.federation_id)
-    args = {
-        "federation_id": p.federation_id or "",
-        "model_id": p.model_id,
-        "org_id": None if p.federation_id is not None else ctx.org_id,
-    }
+    args = {"federation_id": p.federation_id or "", "model_id": p.model_id, "org_id": ctx.org_id}
     items = await ctx.db.all(
         "training.personalized.list_states",
         PersonalizedState,
@@ -190,5 +187,9 @@ async def list_(ctx: Context, p: ListParams) -> ListResult:
         **args,
     )
     return ListResult(
-        items=items, total=await ctx.db.value("training.personalized.count_states", **args)
+        items=items,
+        total=await ctx.db.value("training.personalized.count_states", **args),
+        participation=await ctx.db.all(
+            "training.personalized.list_participation", OrgDevices, **args
+        ),
     )

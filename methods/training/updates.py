@@ -1,14 +1,21 @@
 """training.updates.*: what has arrived for a model, for the organizations that may read it.
 
-Privacy rule: metadata rows (``list``, ``by_device``) cover only the caller's
-own devices, whoever runs the round: an organization never learns another
-organization's device ids, sample counts or metrics per update. ``stats``
-aggregates over every round the caller may read (its own rounds and those of
-federations it is an active member of), so a member sees how much a shared
-round received in total, but not another member's private rounds.
+Privacy rule (docs/design.md, "What another organization sees"): rows
+(``list``, ``by_device``) cover only the caller's own devices, whoever runs the
+round: an organization never learns another organization's device ids, update
+ids, sample counts or metrics per update. Every organization whose
+devices updated the model in a round the caller may read (its own rounds and
+those of federations it is an active member of), the caller's own included,
+appears in ``participation`` as ``{org_id, devices, updates}``, the same in all
+three methods.
+``stats`` totals over those rounds, every member's devices included.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
 
 from fedrpc.context import Context
 from fedrpc.registry import ORG, rpc_method
@@ -19,10 +26,21 @@ from schemas.training.updates import (
     DeviceContribution,
     ListParams,
     ListResult,
+    OrgUpdates,
     Stats,
     StatsParams,
 )
 from schemas.training.weights import Update
+
+
+class _Totals(msgspec.Struct, kw_only=True):
+    update_count: int
+    total_samples: int
+    last_received_at: datetime | None
+
+
+async def _participation(ctx: Context, args: dict) -> list[OrgUpdates]:
+    return await ctx.db.all("training.updates.list_participation", OrgUpdates, **args)
 
 
 @rpc_method(ORG)
@@ -34,7 +52,9 @@ async def list_(ctx: Context, p: ListParams) -> ListResult:
         "training.updates.list_updates", Update, limit=p.limit, offset=p.offset, **args
     )
     return ListResult(
-        items=items, total=await ctx.db.value("training.updates.count_updates", **args)
+        items=items,
+        total=await ctx.db.value("training.updates.count_updates", **args),
+        participation=await _participation(ctx, args),
     )
 
 
@@ -42,12 +62,15 @@ async def list_(ctx: Context, p: ListParams) -> ListResult:
 async def stats(ctx: Context, p: StatsParams) -> Stats:
     """Totals over the model's updates in every round the caller may read, all members' devices included."""
     await model_for_reading(ctx, p.model_id)
-    return await ctx.db.get(
-        "training.updates.get_update_stats",
-        Stats,
+    args = {"model_id": p.model_id, "version": p.version, "org_id": ctx.org_id}
+    totals = await ctx.db.get("training.updates.get_update_stats", _Totals, **args)
+    return Stats(
         model_id=p.model_id,
         version=p.version,
-        org_id=ctx.org_id,
+        update_count=totals.update_count,
+        total_samples=totals.total_samples,
+        last_received_at=totals.last_received_at,
+        participation=await _participation(ctx, args),
     )
 
 
@@ -64,5 +87,7 @@ async def by_device(ctx: Context, p: ByDeviceParams) -> ByDeviceResult:
         **args,
     )
     return ByDeviceResult(
-        items=items, total=await ctx.db.value("training.updates.count_contributing_devices", **args)
+        items=items,
+        total=await ctx.db.value("training.updates.count_contributing_devices", **args),
+        participation=await _participation(ctx, args),
     )

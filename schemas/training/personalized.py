@@ -1,4 +1,9 @@
-"""training.personalized.*: a device's personalized state per (model, federation)."""
+"""training.personalized.*: a device's personalized state per (model, federation).
+
+An organization reads its own devices' states only; in a federation, every
+member appears in `participation` as an `OrgDevices` count (docs/design.md,
+"What another organization sees").
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from schemas._base import MutatingParams, Params, Result
 from schemas._types import DeviceId, FederationId, Limit, ModelId, Offset
 from schemas.models.versions import Payload, StateEncoding
 from schemas.training.device_jobs import Numbers
+from schemas.training.updates import OrgDevices
 
 PersonalizationType = Literal["ditto", "fedper", "local_finetune"]
 TensorName = Annotated[str, Meta(min_length=1, max_length=256)]
@@ -70,7 +76,7 @@ class UpdateResult(Result, kw_only=True):
 
 
 class GetParams(Params, kw_only=True):
-    """A personalized state: a device reads its own; an organization names the device."""
+    """A personalized state: a device reads its own; an organization names one of its own devices."""
 
     model_id: ModelId
     federation_id: FederationId | None = None
@@ -105,7 +111,7 @@ class MetricsResult(Result, kw_only=True):
 
 
 class ListParams(Params, kw_only=True):
-    """Personalized states of a federation's devices (or the organization's own devices), latest per device."""
+    """The organization's own devices' personalized states (in a federation, or in none), latest per device."""
 
     federation_id: FederationId | None = None
     model_id: ModelId | None = None
@@ -113,6 +119,10 @@ class ListParams(Params, kw_only=True):
     offset: Offset = 0
 
 
-class ListResult(Result):
+class ListResult(Result, kw_only=True):
+    """`items`: the caller's own devices; `participation`: per organization, how many of its
+    devices hold a state (every member of the federation; without one, the caller's own)."""
+
     items: list[PersonalizedState]
     total: int
+    participation: list[OrgDevices]

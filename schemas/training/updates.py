@@ -1,3 +1,10 @@
+"""training.updates.*: what has arrived for a model.
+
+An organization sees its own devices' rows; every organization whose devices
+took part in a round it may read (its own included) appears in `participation`
+as an `OrgUpdates` count (docs/design.md, "What another organization sees").
+"""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -5,6 +12,19 @@ from datetime import datetime
 from schemas._base import Params, Result
 from schemas._types import Limit, ModelId, Offset, Version
 from schemas.training.weights import Update
+
+
+class OrgDevices(Result, kw_only=True):
+    """One organization's part, as a count: never its device ids or per-device values."""
+
+    org_id: str
+    devices: int
+
+
+class OrgUpdates(OrgDevices, kw_only=True):
+    """One organization's part in a model's updates: how many of its devices sent how many updates."""
+
+    updates: int
 
 
 class ListParams(Params, kw_only=True):
@@ -19,6 +39,7 @@ class ListParams(Params, kw_only=True):
 class ListResult(Result, kw_only=True):
     items: list[Update]
     total: int
+    participation: list[OrgUpdates]
 
 
 class StatsParams(Params, kw_only=True):
@@ -35,6 +56,7 @@ class Stats(Result, kw_only=True):
     update_count: int
     total_samples: int
     last_received_at: datetime | None
+    participation: list[OrgUpdates]
 
 
 class ByDeviceParams(Params, kw_only=True):
@@ -56,3 +78,4 @@ class DeviceContribution(Result, kw_only=True):
 class ByDeviceResult(Result, kw_only=True):
     items: list[DeviceContribution]
     total: int
+    participation: list[OrgUpdates]

@@ -134,12 +134,14 @@ async def test_update_creates_then_replaces_with_the_same_result_shape(
     assert state_rows(settings) == [(device["device_id"], mlp_model["id"], "", key)]
 
 
-async def test_torch_files_are_accepted_and_stored_as_safetensors(
+async def test_torch_files_from_devices_are_refused(
     client, device, mlp_model, base_state, settings
 ):
+    # A torch file is a pickle whose storages are built before any shape can be checked:
+    # devices send safetensors (docs/aggregation.md).
     buffer = io.BytesIO()
     torch.save({k: torch.from_numpy(v.copy()) for k, v in shifted(base_state, 2.0).items()}, buffer)
-    result = await client.ok(
+    error = await client.error(
         "training.personalized.update",
         {
             **params(mlp_model),
@@ -148,8 +150,8 @@ async def test_torch_files_are_accepted_and_stored_as_safetensors(
         },
         device["token"],
     )
-    loaded = safetensors.numpy.load(read_object(settings, result["state"]["weights_key"]))
-    np.testing.assert_array_equal(loaded["fc1.bias"], base_state["fc1.bias"] + np.float32(2.0))
+    assert error["data"]["type"] == "bad_request"
+    assert bucket_keys(settings, "personalized/") == []
 
 
 async def test_fedper_stores_exactly_its_head_layers(
@@ -509,14 +511,14 @@ async def test_metrics_are_the_metrics_subset(client, device, mlp_model):
     assert found["personalization_type"] == "ditto" and "weights_key" not in found
 
 
-async def test_federation_states_are_read_by_its_members_only(
+async def test_federation_states_are_read_by_their_own_organization_only(
     client, org, other_org, make_org, mlp_model, federation, base_state
 ):
     theirs = await register_device(client, other_org.token)
     fed = {"federation_id": federation["id"]}
     await client.ok(
         "training.personalized.update",
-        params(mlp_model, shifted(base_state, 1.0), **fed),
+        params(mlp_model, shifted(base_state, 1.0), metrics={"acc": 0.5}, **fed),
         theirs["token"],
     )
     local = await client.ok(
@@ -524,15 +526,15 @@ async def test_federation_states_are_read_by_its_members_only(
     )
     assert local["state"] is None
     query = {"model_id": mlp_model["id"], "device_id": theirs["device_id"], **fed}
-    seen = await client.ok("training.personalized.get", query, org.token)
-    assert (
-        seen["state"]["federation_id"] == federation["id"]
-        and seen["has_personalized_weights"] is True
-    )
-    # Another member sees the state but gets no link to the weights; the device's own organization does.
-    assert "weights_url" not in seen
     own = await client.ok("training.personalized.get", query, other_org.token)
-    assert own["weights_url"].startswith("http") and own["state"] == seen["state"]
+    assert (
+        own["weights_url"].startswith("http") and own["state"]["federation_id"] == federation["id"]
+    )
+    # The federation's owner is another organization: it sees neither the state nor its metrics.
+    for method in ("training.personalized.get", "training.personalized.metrics"):
+        error = await client.error(method, query, org.token)
+        assert error["data"]["type"] == "forbidden"
+        assert theirs["device_id"] not in str(error["data"]) and "acc" not in str(error["data"])
     outsider = await make_org("outsider")
     assert (await client.error("training.personalized.get", query, outsider.token))["data"][
         "type"
@@ -541,14 +543,9 @@ async def test_federation_states_are_read_by_its_members_only(
         "type"
     ] == "forbidden"
     error = await client.error(
-        "training.personalized.get", {**query, "federation_id": FEDERATION_UNKNOWN}, org.token
+        "training.personalized.get", {**query, "federation_id": FEDERATION_UNKNOWN}, other_org.token
     )
     assert error["data"]["type"] == "not_found"
-    # Outside the federation the owner sees only its own devices.
-    error = await client.error(
-        "training.personalized.get", {**query, "federation_id": None}, org.token
-    )
-    assert error["data"]["type"] == "forbidden"
 
 
 async def test_devices_write_federation_states_only_where_their_org_is_a_member(
@@ -604,23 +601,42 @@ async def test_list_gives_the_latest_state_per_device(
     await client.ok(
         "training.personalized.update", params(mlp_model, round_number=9), mine["token"]
     )
-    listed = await client.ok("training.personalized.list", fed, other_org.token)
-    assert listed["total"] == 2
+    listed = await client.ok("training.personalized.list", fed, org.token)
+    # Own devices only, latest state per device; the other member as a count.
+    assert listed["total"] == 1
     assert [(s["device_id"], s["model_id"]) for s in listed["items"]] == [
-        (mine["device_id"], second_model["id"]),
-        (theirs["device_id"], mlp_model["id"]),
+        (mine["device_id"], second_model["id"])
     ]
+    both = sorted(
+        [{"org_id": org.id, "devices": 1}, {"org_id": other_org.id, "devices": 1}],
+        key=lambda c: c["org_id"],
+    )
+    assert listed["participation"] == both
+    theirs_listed = await client.ok("training.personalized.list", fed, other_org.token)
+    assert [(s["device_id"], s["model_id"]) for s in theirs_listed["items"]] == [
+        (theirs["device_id"], mlp_model["id"])
+    ]
+    assert theirs_listed["participation"] == both
     by_model = await client.ok(
         "training.personalized.list", {**fed, "model_id": mlp_model["id"]}, org.token
     )
-    assert by_model["total"] == 2 and {s["round_number"] for s in by_model["items"]} == {1}
+    assert by_model["total"] == 1 and {s["round_number"] for s in by_model["items"]} == {1}
+    assert by_model["participation"] == both
+    second = await register_device(client, org.token)
+    await client.ok(
+        "training.personalized.update", params(mlp_model, round_number=5, **fed), second["token"]
+    )
     page = await client.ok(
         "training.personalized.list", {**fed, "limit": 1, "offset": 1}, org.token
     )
-    assert page["total"] == 2 and [s["device_id"] for s in page["items"]] == [theirs["device_id"]]
+    assert page["total"] == 2 and [s["device_id"] for s in page["items"]] == [mine["device_id"]]
     own = await client.ok("training.personalized.list", {}, org.token)
     assert own["total"] == 1 and own["items"][0]["round_number"] == 9
-    assert (await client.ok("training.personalized.list", {}, other_org.token))["total"] == 0
+    # Outside a federation only the caller's own devices are counted.
+    assert own["participation"] == [{"org_id": org.id, "devices": 1}]
+    other = await client.ok("training.personalized.list", {}, other_org.token)
+    assert other["participation"] == []
+    assert other["total"] == 0
     assert_invalid(
         await client.error("training.personalized.list", {"limit": 501}, org.token), "$.limit"
     )

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import register_device
-from tests.methods.conftest import shared_federation
-from tests.methods.test_weights_upload import running_round, update_bytes, upload_params
+from tests.methods.test_member_visibility import federation_of, started_round
+from tests.methods.test_weights_upload import update_bytes, upload_params
 
 
 @dataclass
@@ -38,7 +38,7 @@ def when(value: str | None) -> datetime | None:
 @pytest.fixture
 async def world(client, org, other_org, make_org, mlp_model):
     """org owns the model and a federation with other_org; one private and two federated rounds with uploads."""
-    fed = await shared_federation(client, org, other_org, mlp_model, "f")
+    fed = await federation_of(client, org, other_org, mlp_model, "f")
     a1, a2 = [await register_device(client, org.token) for _ in range(2)]
     b1, b2 = [await register_device(client, other_org.token) for _ in range(2)]
     owner = {
@@ -47,12 +47,9 @@ async def world(client, org, other_org, make_org, mlp_model):
         b1["device_id"]: other_org.id,
         b2["device_id"]: other_org.id,
     }
-    private = await running_round(client, org, mlp_model, [a1, a2])
-    shared = await running_round(client, org, mlp_model, [a1, a2, b1, b2], federation_id=fed["id"])
-    # The member runs the third round itself, on the shared model.
-    third = await running_round(
-        client, other_org, mlp_model, [a1, a2, b1, b2], federation_id=fed["id"]
-    )
+    private = await started_round(client, org, mlp_model, 2)
+    shared = await started_round(client, org, mlp_model, 4, federation_id=fed["id"])
+    third = await started_round(client, org, mlp_model, 4, federation_id=fed["id"])
     plan = [
         (private, a1, 10, {"loss": 0.5, "accuracy": 0.6}),
         (private, a2, 30, {"loss": 0.3}),
@@ -83,6 +80,20 @@ def visible_rounds(world, org_id: str, org) -> set[str]:
     )
 
 
+def participation(world, caller, org) -> list[dict]:
+    """Every organization's devices and updates in the rounds `caller` may read, recomputed."""
+    rounds = visible_rounds(world, caller.id, org)
+    per_org: dict[str, list[Sent]] = {}
+    for s in world["sent"]:
+        if s.round_id in rounds:
+            per_org.setdefault(s.org_id, []).append(s)
+    rows = [
+        {"org_id": o, "devices": len({s.device_id for s in sent}), "updates": len(sent)}
+        for o, sent in per_org.items()
+    ]
+    return sorted(rows, key=lambda r: r["org_id"])
+
+
 @pytest.mark.parametrize("who", ["owner", "member"])
 async def test_list_shows_only_the_callers_own_devices_newest_first(
     client, org, other_org, mlp_model, world, who
@@ -100,6 +111,7 @@ async def test_list_shows_only_the_callers_own_devices_newest_first(
         for i, s in zip(listed["items"], expected, strict=True)
     )
     assert "object_key" not in listed["items"][0]
+    assert listed["participation"] == participation(world, caller, org)
     page = await client.ok(
         "training.updates.list",
         {"model_id": mlp_model["id"], "limit": 1, "offset": 1},
@@ -123,6 +135,8 @@ async def test_stats_aggregate_every_round_the_caller_may_read(
     assert when(stats["last_received_at"]) == max(s.received_at for s in counted)
     # The member sees both members' devices in the shared rounds, not the owner's private round.
     assert stats["update_count"] == (6 if who == "owner" else 4)
+    assert stats["participation"] == participation(world, caller, org)
+    assert sum(p["updates"] for p in stats["participation"]) == stats["update_count"]
 
 
 async def test_stats_of_a_version_without_updates_are_zero(client, org, mlp_model, world):
@@ -134,6 +148,7 @@ async def test_stats_of_a_version_without_updates_are_zero(client, org, mlp_mode
         0,
         None,
     )
+    assert stats["participation"] == []
 
 
 async def test_by_device_counts_the_callers_devices_most_recent_first(
@@ -157,6 +172,7 @@ async def test_by_device_counts_the_callers_devices_most_recent_first(
             assert item["update_count"] == len(sent)
             assert item["total_samples"] == sum(s.samples for s in sent)
             assert when(item["last_received_at"]) == max(s.received_at for s in sent)
+        assert got["participation"] == participation(world, caller, org)
     limited = await client.ok(
         "training.updates.by_device", {"model_id": mlp_model["id"], "limit": 1}, org.token
     )
@@ -233,14 +249,17 @@ async def test_members_statistics_come_from_updates_in_the_federations_rounds(
 
 
 async def test_member_without_reported_metrics_has_null_averages(client, org, other_org, mlp_model):
-    fed = await client.ok("federations.create", {"name": "g", "org_id": org.id}, org.token)
+    fed = await client.ok(
+        "federations.create", {"name": "g", "org_id": org.id, "min_round_updates": 2}, org.token
+    )
     await client.ok(
         "federations.models.share",
         {"federation_id": fed["id"], "model_id": mlp_model["id"]},
         org.token,
     )
     device = await register_device(client, org.token)
-    rnd = await running_round(client, org, mlp_model, [device], federation_id=fed["id"])
+    await register_device(client, org.token)
+    rnd = await started_round(client, org, mlp_model, 2, federation_id=fed["id"])
     await client.ok("training.weights.upload", upload_params(rnd, sample_count=4), device["token"])
     [row] = (await client.ok("federations.members", {"federation_id": fed["id"]}, org.token))[
         "members"

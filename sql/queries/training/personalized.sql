@@ -29,7 +29,7 @@ RETURNING device_id, model_id, NULLIF(federation_id, '') AS federation_id, perso
 SELECT org_id FROM devices WHERE id = %(device_id)s;
 
 -- name: list_states
--- The latest state per device: of a federation (any member's devices) or, with no federation, of one organization's devices.
+-- The latest state per device of one organization's devices, in a federation or (federation_id '') in none.
 SELECT latest.device_id, latest.model_id, latest.federation_id, latest.personalization_type, latest.weights_key,
        latest.weights_sha256, latest.weights_size_bytes, latest.metrics, latest.head_layers, latest.round_number,
        latest.created_at, latest.updated_at
@@ -39,8 +39,8 @@ FROM (
            s.weights_key, s.weights_sha256, s.weights_size_bytes, s.metrics, s.head_layers, s.round_number,
            s.created_at, s.updated_at
     FROM personalized_states AS s
+    JOIN devices AS d ON d.id = s.device_id AND d.org_id = %(org_id)s
     WHERE s.federation_id = %(federation_id)s
-      AND (%(org_id)s::text IS NULL OR s.device_id IN (SELECT id FROM devices WHERE org_id = %(org_id)s))
       AND (%(model_id)s::text IS NULL OR s.model_id = %(model_id)s)
     ORDER BY s.device_id, s.updated_at DESC, s.model_id
 ) AS latest
@@ -50,6 +50,16 @@ LIMIT %(limit)s OFFSET %(offset)s;
 -- name: count_states
 -- How many devices list_states pages through.
 SELECT count(DISTINCT s.device_id) FROM personalized_states AS s
+JOIN devices AS d ON d.id = s.device_id AND d.org_id = %(org_id)s
 WHERE s.federation_id = %(federation_id)s
-  AND (%(org_id)s::text IS NULL OR s.device_id IN (SELECT id FROM devices WHERE org_id = %(org_id)s))
   AND (%(model_id)s::text IS NULL OR s.model_id = %(model_id)s);
+
+-- name: list_participation
+-- Per organization: how many of its devices hold a state in the federation (for the model, if given); with no federation, the caller's own only. Counts only.
+SELECT d.org_id, count(DISTINCT s.device_id) AS devices
+FROM personalized_states AS s
+JOIN devices AS d ON d.id = s.device_id
+WHERE s.federation_id = %(federation_id)s AND (%(federation_id)s <> '' OR d.org_id = %(org_id)s)
+  AND (%(model_id)s::text IS NULL OR s.model_id = %(model_id)s)
+GROUP BY d.org_id
+ORDER BY d.org_id;

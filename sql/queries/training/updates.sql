@@ -16,8 +16,7 @@ WHERE u.model_id = %(model_id)s AND (%(version)s::integer IS NULL OR u.version =
 
 -- name: get_update_stats
 -- Count, samples and latest arrival of a model's updates in the rounds an organization may read (its own, its federations').
-SELECT %(model_id)s::text AS model_id, %(version)s::integer AS version,
-       count(*) AS update_count, coalesce(sum(u.sample_count), 0)::bigint AS total_samples,
+SELECT count(*) AS update_count, coalesce(sum(u.sample_count), 0)::bigint AS total_samples,
        max(u.received_at) AS last_received_at
 FROM training_updates AS u
 JOIN training_rounds AS r ON r.id = u.round_id
@@ -41,3 +40,14 @@ LIMIT %(limit)s OFFSET %(offset)s;
 SELECT count(DISTINCT u.device_id) FROM training_updates AS u
 WHERE u.model_id = %(model_id)s AND (%(version)s::integer IS NULL OR u.version = %(version)s)
   AND u.org_id = %(org_id)s;
+
+-- name: list_participation
+-- Per organization whose devices updated the model in a round the caller may read (its own, its federations'): devices and updates, counts only.
+SELECT u.org_id, count(DISTINCT u.device_id) AS devices, count(*) AS updates
+FROM training_updates AS u
+JOIN training_rounds AS r ON r.id = u.round_id
+WHERE u.model_id = %(model_id)s AND (%(version)s::integer IS NULL OR u.version = %(version)s)
+  AND (r.org_id = %(org_id)s OR r.federation_id IN (
+           SELECT federation_id FROM federation_members WHERE org_id = %(org_id)s AND status = 'active'))
+GROUP BY u.org_id
+ORDER BY u.org_id;
