@@ -201,7 +201,12 @@ class Criteria(Params, kw_only=True):
 
 
 class SelectDevicesParams(MutatingParams, kw_only=True):
-    """Pick devices for a pending round, uniformly at random among the eligible ones."""
+    """Pick devices for a pending round at random among the eligible ones.
+
+    Without differential privacy: up to target_device_count devices uniformly without
+    replacement (or per platform). With it: Poisson sampling, each eligible device
+    independently with probability min(1, target_device_count / eligible, fraction).
+    """
 
     round_id: RoundId
     criteria: Criteria = field(default_factory=Criteria)

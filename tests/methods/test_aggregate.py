@@ -412,31 +412,6 @@ async def _dp_federation(client, org, mlp_model, budget: float) -> dict:
     return fed
 
 
-async def test_central_dp_clips_noises_and_charges_the_ledger(client, org, mlp_model, mlp_bundle):
-    fed = await _dp_federation(client, org, mlp_model, 100.0)
-    dp = {"noise_multiplier": 1.0, "clipping_norm": 0.5}
-    # One eligible device is left out: the sampling rate is 3/4.
-    rnd, _, _ = await run_round(
-        client,
-        org,
-        mlp_model,
-        mlp_bundle[0],
-        fmt="delta",
-        bystanders=1,
-        extra={"federation_id": fed["id"], "differential_privacy": dp},
-    )
-    version = await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
-    # Each client delta has norm ~0.1*sqrt(147) > 0.5, so all three are clipped.
-    assert version["metrics"]["dp_fraction_clipped"] == 1.0
-    assert version["metrics"]["dp_noise_std"] == pytest.approx(1.0 * 0.5 / 3)
-    history = await client.ok(
-        "federations.privacy.history", {"federation_id": fed["id"]}, org.token
-    )
-    assert [(h["round_id"], h["sample_rate"], h["num_steps"]) for h in history["items"]] == [
-        (rnd["id"], 0.75, 1)
-    ]
-
-
 async def test_an_exhausted_budget_fails_the_round_without_a_version(
     client, org, mlp_model, mlp_bundle
 ):
