@@ -20,6 +20,7 @@ Every handler asks this module and never repeats a rule. The rules:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 import msgspec
@@ -33,7 +34,7 @@ from schemas.devices import Owner
 from schemas.federations import Federation
 from schemas.models import Model
 from schemas.models.versions import ModelVersion
-from schemas.training import CreateRoundParams, Round
+from schemas.training import CreateRoundParams, OrgParticipation, Progress, Round
 
 _SHOWN_IDS = 20
 
@@ -242,24 +243,33 @@ def check_federation_round(federation: Federation, *, strategy: str, private: bo
 
 
 def check_round_mix(
-    federation: Federation, update_orgs: list[str], selected_orgs: list[str]
+    federation: Federation, update_orgs: list[str], selected_orgs: list[str], *, private: bool
 ) -> None:
-    """A federation round's result mixes at least ``min_round_updates`` updates, and updates of
-    two organizations or more when devices of more than one were selected."""
+    """A federation round's result mixes at least ``min_round_updates`` updates that any one
+    organization reading it did not send itself.
+
+    Every organization of the federation reads the result and knows its own updates, so it
+    can subtract them: an owner that filled a round with its own devices' zero updates would
+    otherwise read the one update a member's device sent. When devices of more than one
+    organization were selected, the updates of all organizations but the largest contributor
+    must number ``min_round_updates`` (so at least two organizations send updates). When
+    only one organization's devices take part, all its updates count. A private round's
+    refusal does not say how many updates it has (the counts are not noised).
+    """
     needed = federation.min_round_updates
-    if len(update_orgs) < needed:
-        raise PreconditionFailed(
-            f"the round has {len(update_orgs)} updates and its federation needs {needed}",
-            received=len(update_orgs),
-            min_updates=needed,
-        )
-    if len(set(selected_orgs)) > 1 and len(set(update_orgs)) < 2:
-        raise PreconditionFailed(
-            "the round's updates all come from one organization; its federation needs "
-            "updates of at least two when several take part",
-            received=len(update_orgs),
-            organizations=1,
-        )
+    counts = Counter(update_orgs)
+    mixed = len(update_orgs)
+    if len(set(selected_orgs)) > 1 and counts:
+        mixed -= max(counts.values())
+    if mixed >= needed:
+        return
+    detail = {} if private else {"received": len(update_orgs), "mixed": mixed}
+    raise PreconditionFailed(
+        f"the round's result must mix at least {needed} updates that no single organization "
+        "sent itself (the federation's min_round_updates); it does not yet",
+        min_updates=needed,
+        **detail,
+    )
 
 
 def round_as_seen_by(ctx: Context, rnd: Round) -> Round:
@@ -271,6 +281,51 @@ def round_as_seen_by(ctx: Context, rnd: Round) -> Round:
         return rnd
     hidden = {k: v for k, v in criteria.items() if k != "device_group_id"}
     return msgspec.structs.replace(rnd, selection_criteria=hidden)
+
+
+async def device_for_reading(ctx: Context, device_id: str | None) -> str:
+    """The device whose own data (personalized state, metrics) the caller reads: a device reads
+    its own (``device_id`` omitted or its own id); an organization names one of its own devices
+    (another organization's is ``forbidden``, checked before existence, as for every id)."""
+    if ctx.principal.kind == "device":
+        if device_id not in (None, ctx.principal.device_id):
+            raise Forbidden("a device reads only its own data")
+        return ctx.principal.device_id
+    if device_id is None:
+        raise BadRequest("an organization names the device it reads", field="device_id")
+    # Not require_owned: the refusal does not echo the id back.
+    owners = await ctx.db.all("devices.list_device_owners", Owner, device_ids=[device_id])
+    if any(o.org_id != ctx.org_id for o in owners):
+        raise Forbidden(
+            "an organization reads only its own devices' data; other members' devices are "
+            "counted per organization (training.personalized.list)"
+        )
+    if not owners:
+        raise NotFound("no device with this id")
+    return device_id
+
+
+def counts_as_seen_by(ctx: Context, rnd: Round, counts: list[OrgParticipation]) -> list:
+    """Per-organization counts of a round an organization may see. A private round's counts
+    are not noised, and whether another organization's device was drawn is exactly what its
+    Poisson sampling keeps secret (the ledger's epsilon counts on it): there each organization
+    sees its own row only."""
+    if rnd.dp_config is None:
+        return counts
+    return [c for c in counts if c.org_id == ctx.org_id]
+
+
+def progress_as_seen_by(rnd: Round, progress: Progress) -> Progress:
+    """A private round's selected and received counts and sample total are shown to nobody. A
+    federation round's live sample total is not shown either: polled around one upload, it is
+    that device's sample count."""
+    if rnd.dp_config is not None:
+        return msgspec.structs.replace(
+            progress, selected_count=None, received_count=None, total_samples=None
+        )
+    if rnd.federation_id is not None:
+        return msgspec.structs.replace(progress, total_samples=None)
+    return progress
 
 
 class RoundRole(Round, kw_only=True):

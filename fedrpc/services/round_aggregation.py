@@ -4,9 +4,11 @@ The round is claimed in Postgres (running -> aggregating, with a lease) so two
 callers cannot both aggregate it and a crashed worker's round is taken over.
 The update loop runs in a worker thread (:mod:`fedrpc.services.update_loop`),
 so do the new version's bytes (:mod:`fedrpc.services.version_artifacts`). The new
-version's objects are written first, then one transaction charges the
-privacy ledger, stores the version and completes the round; any failure
-leaves no version row and no object behind.
+version's objects are written first, then one transaction stores the
+version (and the server optimiser state) and completes the round; any failure
+leaves no version row and no object behind. A private round was charged to
+its federation's privacy ledger when its devices were drawn
+(:mod:`fedrpc.services.selection`).
 """
 
 from __future__ import annotations
@@ -26,15 +28,12 @@ from fedrpc.errors import (
     Conflict,
     NotFound,
     PreconditionFailed,
-    PrivacyBudgetExhausted,
 )
 from fedrpc.fl import InvalidInput
 from fedrpc.fl.aggregate import check_strategy
 from fedrpc.fl.metrics import version_metrics
-from fedrpc.fl.privacy import RoundCharge
 from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, manifest_from_json
 from fedrpc.services.policy import check_federation_round, check_round_mix
-from fedrpc.services.privacy_budget import DEFAULT_DELTA, charge_round, price
 from fedrpc.services.selection import poisson_selected
 from fedrpc.services.update_loop import RoundFailed, UpdateRow, cap_sample_counts, compute
 from fedrpc.services.version_artifacts import encode_weights, export_graphs
@@ -129,6 +128,12 @@ async def aggregate_round(
     )
     needed = min_updates or rnd.min_updates
     if len(rows) < needed:
+        if rnd.dp_config is not None:  # a private round's update count is not published
+            raise PreconditionFailed(
+                f"the round has fewer updates than the {needed} it needs",
+                state=rnd.state,
+                min_updates=needed,
+            )
         raise PreconditionFailed(
             f"the round has {len(rows)} updates and needs {needed}",
             state=rnd.state,
@@ -140,11 +145,13 @@ async def aggregate_round(
         mix = await db.get(
             "training.get_round_mix", _Mix, round_id=rnd.id, update_ids=[r.id for r in rows]
         )
-        check_round_mix(federation, mix.update_orgs, mix.selected_orgs)
+        check_round_mix(
+            federation, mix.update_orgs, mix.selected_orgs, private=rnd.dp_config is not None
+        )
     await _claim(db, round_id)
     try:
         return await _aggregate_claimed(db, storage, rnd, name, full_params, rows, publish)
-    except (RoundFailed, PrivacyBudgetExhausted, NotFound) as exc:
+    except (RoundFailed, NotFound) as exc:
         # These will not pass by retrying: the round fails with the reason.
         await db.run(
             "training.aggregate.update_round_failed", round_id=round_id, reason=exc.message
@@ -182,7 +189,8 @@ async def _aggregate_claimed(
         missing="the base version is gone",
     )
     manifest = manifest_from_json(base.manifest)
-    charge = await _privacy_charge(db, rnd) if rnd.dp_config is not None else None
+    if rnd.dp_config is not None:
+        await _require_charged(db, rnd)
     base_bytes, program_bytes, server_state = await asyncio.gather(
         storage.get(base.weights_key),
         storage.get(base.program_key),
@@ -203,8 +211,6 @@ async def _aggregate_claimed(
         state_object = await storage.put(key, encode_safetensors(outcome.server_state))
 
     async def along_with(tx: Database, version: int) -> None:
-        if charge is not None:
-            await charge_round(tx, rnd.federation_id, rnd.id, charge)
         if state_object is not None:
             await tx.run(
                 "training.aggregate.upsert_server_state",
@@ -214,7 +220,12 @@ async def _aggregate_claimed(
                 object_key=state_object.key,
                 sha256=state_object.sha256,
             )
-        await tx.run("training.aggregate.update_round_completed", round_id=rnd.id, version=version)
+        if not await tx.run(
+            "training.aggregate.update_round_completed", round_id=rnd.id, version=version
+        ):
+            # Another call took the round over when this one's lease ran out, and finished
+            # first: this version must not exist beside that one (the transaction rolls back).
+            raise Conflict("the round was completed by another aggregation", state="completed")
 
     # The graphs are made on one worker thread while the weights are encoded on
     # another and written: their objects do not wait for the ONNX model.
@@ -258,37 +269,15 @@ async def _part(graphs: asyncio.Future[dict[str, bytes]], kind: str) -> bytes:
     return (await graphs)[kind]
 
 
-async def _privacy_charge(db: Database, rnd: Round) -> RoundCharge:
-    """The round's charge to its federation's ledger, refused if it would pass the budget.
-
-    The sampling rate charged is the one the round's Poisson selection used, as recorded
-    with the round; a DP round selected any other way cannot be accounted and fails.
-    """
-    if not poisson_selected(rnd):
+async def _require_charged(db: Database, rnd: Round) -> None:
+    """A private round was charged to its federation's ledger when its devices were drawn
+    (services/selection.py), at the rate the Poisson draw used; one that was not cannot be
+    accounted and fails."""
+    charged = poisson_selected(rnd) and await db.value(
+        "training.find_round_charged", federation_id=rnd.federation_id, round_id=rnd.id
+    )
+    if not charged:
         raise RoundFailed(
             "a differentially private round must be selected by Poisson sampling "
-            "(training.select_devices) to be accounted"
+            "(training.select_devices), which charges it, to be aggregated"
         )
-    charge = RoundCharge(rnd.dp_config["noise_multiplier"], rnd.sample_rate, 1)
-    budget = await db.get(
-        "training.aggregate.get_federation_budget", _Budget, federation_id=rnd.federation_id
-    )
-    check = await price(
-        db,
-        rnd.federation_id,
-        charge,
-        delta=budget.total_delta_budget or DEFAULT_DELTA,
-        epsilon_budget=budget.total_epsilon_budget,
-    )
-    if check.exceeds_budget:
-        raise PrivacyBudgetExhausted(
-            "this round would exceed the federation's privacy budget",
-            projected_epsilon=check.projected_epsilon,
-            budget_epsilon=budget.total_epsilon_budget,
-        )
-    return charge
-
-
-class _Budget(msgspec.Struct):
-    total_epsilon_budget: float | None
-    total_delta_budget: float | None

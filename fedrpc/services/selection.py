@@ -9,9 +9,12 @@ with the rate the selection actually used.
 A round with differential privacy is selected by Poisson sampling at
 ``q = min(1, target_device_count / eligible, criteria.fraction)``
 (:func:`fedrpc.fl.sampling.poisson_rate`); stratified selection is refused
-for it, since no accountant here covers it. An empty Poisson draw records
-nothing: the round stays pending and a retry is a fresh, independent draw
-(docs/privacy.md, "Selection").
+for it, since no accountant here covers it. Its charge to the federation's
+ledger is recorded in the same transaction as the draw, before the draw is
+seen by anyone: a round cancelled after selection, or drawn empty, has been
+charged all the same, so selecting, looking and cancelling until a wanted
+device is drawn costs budget every time (docs/privacy.md, "Selection"). An
+empty draw fails the round; a new round is a new, charged draw.
 """
 
 from __future__ import annotations
@@ -23,9 +26,16 @@ import numpy as np
 
 from fedrpc.db import Database, jsonb
 from fedrpc.errors import BadRequest, PreconditionFailed
+from fedrpc.fl.privacy import RoundCharge
 from fedrpc.fl.sampling import poisson_rate, poisson_select
 from fedrpc.fl.sampling import select_devices as sample
+from fedrpc.services.privacy_budget import charge_round
 from schemas.training import Criteria, Round
+
+EMPTY_DRAW = (
+    "the Poisson draw selected no device; the round failed and its draw was charged "
+    "(create a new round to draw again)"
+)
 
 
 class EligibleDevice(msgspec.Struct):
@@ -67,10 +77,15 @@ async def select_for_round(
             max_app_version=c.max_app_version,
         )
         seed = secrets.randbits(63)
-        pick = _poisson if locked.dp_config is not None else _fixed_size
-        selection = pick(eligible, locked, c, seed)
-        chosen = selection.chosen
-        await tx.run("training.insert_round_devices", round_id=round_id, device_ids=chosen)
+        if locked.dp_config is not None:
+            selection = _poisson(eligible, locked, c, seed)
+            charge = RoundCharge(locked.dp_config["noise_multiplier"], selection.sample_rate, 1)
+            await charge_round(tx, locked.federation_id, round_id, charge)
+        else:
+            selection = _fixed_size(eligible, locked, c, seed)
+        await tx.run(
+            "training.insert_round_devices", round_id=round_id, device_ids=selection.chosen
+        )
         await tx.run(
             "training.update_round_selected",
             round_id=round_id,
@@ -80,6 +95,14 @@ async def select_for_round(
             method=selection.method,
             sample_rate=selection.sample_rate,
         )
+        if not selection.chosen:
+            await tx.run(
+                "training.update_round_failed_empty_draw",
+                round_id=round_id,
+                reason=EMPTY_DRAW,
+            )
+    if not selection.chosen:
+        raise PreconditionFailed(EMPTY_DRAW, state="failed", sample_rate=selection.sample_rate)
     return selection
 
 
@@ -115,14 +138,6 @@ def _poisson(eligible: list[EligibleDevice], rnd: Round, c: Criteria, seed: int)
         raise PreconditionFailed("no device meets the criteria", state=rnd.state, eligible_count=0)
     q = poisson_rate(rnd.target_device_count, len(eligible), c.fraction)
     chosen = poisson_select([d.id for d in eligible], q, np.random.default_rng(seed))
-    if not chosen:
-        # Nothing is recorded or charged: no device's update was used. A retry is a new draw.
-        raise PreconditionFailed(
-            "the Poisson draw selected no device; the round stays pending, select again",
-            state=rnd.state,
-            eligible_count=len(eligible),
-            sample_rate=q,
-        )
     return Selection(
         chosen=chosen, eligible_count=len(eligible), seed=seed, method="poisson", sample_rate=q
     )

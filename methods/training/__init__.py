@@ -5,7 +5,10 @@ from __future__ import annotations
 from fedrpc.context import Context
 from fedrpc.registry import ORG, rpc_method
 from fedrpc.services.policy import (
+    counts_as_seen_by,
     model_for_round,
+    own_groups,
+    progress_as_seen_by,
     round_as_seen_by,
     round_for_owner,
     round_for_reading,
@@ -49,19 +52,17 @@ async def create_round(ctx: Context, p: CreateRoundParams) -> RoundDetail:
 async def get_round(ctx: Context, p: GetRoundParams) -> RoundDetail:
     """A round with the caller's own devices selected for it and every organization's counts."""
     found = round_as_seen_by(ctx, await round_for_reading(ctx, p.round_id))
-    devices, participation = await _own_devices_and_counts(ctx, p.round_id)
+    devices, participation = await _own_devices_and_counts(ctx, found)
     fields = {f: getattr(found, f) for f in Round.__struct_fields__}
     return RoundDetail(**fields, selected_devices=devices, participation=participation)
 
 
-async def _own_devices_and_counts(ctx: Context, round_id: str):
-    devices = await ctx.db.column(
-        "training.list_round_devices", round_id=round_id, org_id=ctx.org_id
-    )
+async def _own_devices_and_counts(ctx: Context, rnd: Round):
+    devices = await ctx.db.column("training.list_round_devices", round_id=rnd.id, org_id=ctx.org_id)
     counts = await ctx.db.all(
-        "training.list_round_participation", OrgParticipation, round_id=round_id
+        "training.list_round_participation", OrgParticipation, round_id=rnd.id
     )
-    return devices, counts
+    return devices, counts_as_seen_by(ctx, rnd, counts)
 
 
 @rpc_method(ORG)
@@ -83,24 +84,28 @@ async def list_rounds(ctx: Context, p: ListRoundsParams) -> ListRoundsResult:
 @rpc_method(ORG)
 async def get_round_progress(ctx: Context, p: ProgressParams) -> Progress:
     """Selected and received counts, samples and time left: one query, for polling."""
-    await round_for_reading(ctx, p.round_id)
-    return await ctx.db.get("training.get_round_progress", Progress, round_id=p.round_id)
+    rnd = await round_for_reading(ctx, p.round_id)
+    progress = await ctx.db.get("training.get_round_progress", Progress, round_id=p.round_id)
+    return progress_as_seen_by(rnd, progress)
 
 
 @rpc_method(ORG)
 async def select_devices(ctx: Context, p: SelectDevicesParams) -> SelectDevicesResult:
-    """Pick devices for a pending round uniformly at random (seeded; the seed is recorded)."""
+    """Pick devices for a pending round uniformly at random (seeded; the seed is recorded); a
+    private round's by Poisson sampling, charged to its federation's ledger as it is drawn."""
     rnd = await round_for_owner(ctx, p.round_id)
+    if p.criteria.device_group_id is not None:
+        await own_groups(ctx.db, ctx.org_id, [p.criteria.device_group_id])
     org_ids = [rnd.org_id]
     if rnd.federation_id is not None:
         org_ids = await ctx.db.column("training.list_member_orgs", federation_id=rnd.federation_id)
     chosen = await select_for_round(ctx.db, p.round_id, org_ids, p.criteria)
-    devices, participation = await _own_devices_and_counts(ctx, p.round_id)
+    devices, participation = await _own_devices_and_counts(ctx, rnd)
     return SelectDevicesResult(
         round_id=p.round_id,
         state="selected",
         selected=devices,
-        selected_count=len(chosen.chosen),
+        selected_count=None if rnd.dp_config else len(chosen.chosen),
         participation=participation,
         eligible_count=chosen.eligible_count,
         selection_seed=chosen.seed,

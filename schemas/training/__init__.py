@@ -178,9 +178,10 @@ class ProgressParams(Params):
 class Progress(Result, kw_only=True):
     round_id: str
     state: RoundState
-    selected_count: int
-    received_count: int
-    total_samples: int
+    # Absent for a round with differential privacy: its counts are not noised.
+    selected_count: int | None = None
+    received_count: int | None = None
+    total_samples: int | None = None
     deadline: datetime | None
     seconds_remaining: float | None
 
@@ -216,7 +217,7 @@ class SelectDevicesResult(Result, kw_only=True):
     round_id: str
     state: RoundState
     selected: list[str]  # the caller's own organization's devices only
-    selected_count: int
+    selected_count: int | None = None  # absent for a round with differential privacy
     participation: list[OrgParticipation]
     eligible_count: int
     selection_seed: int

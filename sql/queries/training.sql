@@ -103,6 +103,12 @@ SET state = 'selected', selection_seed = %(seed)s, selection_criteria = %(criter
     updated_at = now()
 WHERE id = %(round_id)s AND state = 'pending';
 
+-- name: update_round_failed_empty_draw
+-- selected -> failed: a private round's Poisson draw chose no device (the draw is charged all the same).
+UPDATE training_rounds
+SET state = 'failed', failure_reason = %(reason)s, finished_at = now(), updated_at = now()
+WHERE id = %(round_id)s AND state = 'selected';
+
 -- name: update_round_started
 -- pending/selected -> running; the deadline starts now.
 UPDATE training_rounds
@@ -137,3 +143,7 @@ SELECT coalesce((SELECT array_agg(u.org_id) FROM training_updates AS u
        coalesce((SELECT array_agg(DISTINCT d.org_id) FROM round_devices AS r
                  JOIN devices AS d ON d.id = r.device_id
                  WHERE r.round_id = %(round_id)s), '{}') AS selected_orgs;
+
+-- name: find_round_charged
+-- Whether a round has its entry in its federation's privacy ledger.
+SELECT true FROM privacy_ledger WHERE federation_id = %(federation_id)s AND round_id = %(round_id)s;

@@ -55,15 +55,16 @@ async def mlp_model(client, org, mlp_bundle) -> dict:
 
 
 async def shared_federation(
-    client, owner, member, model: dict, name: str = "f", min_round_updates: int = 2
+    client, owner, member, model: dict, name: str = "f", min_round_updates: int = 2, **create
 ) -> dict:
     """A federation of `owner` with `model` shared into it and `member` an active member.
 
     Its rounds' results mix at least `min_round_updates` updates (the server's default is 10;
-    tests that are not about that rule use the floor, 2)."""
+    tests that are not about that rule use the floor, 2); `create` adds federations.create
+    params (a privacy_policy)."""
     fed = await client.ok(
         "federations.create",
-        {"name": name, "org_id": owner.id, "min_round_updates": min_round_updates},
+        {"name": name, "org_id": owner.id, "min_round_updates": min_round_updates, **create},
         owner.token,
     )
     await client.ok(
@@ -78,3 +79,20 @@ async def shared_federation(
         "federations.join", {"federation_id": fed["id"], "org_id": member.id}, member.token
     )
     return fed
+
+
+async def upload_delta(
+    client, rnd: dict, token: str, delta: dict, sample_count: int = 10, metrics=None
+) -> dict:
+    """A device's `delta` (name -> array) uploaded inline to the running round `rnd`."""
+    params = {
+        "round_id": rnd["id"],
+        "model_id": rnd["model_id"],
+        "version": rnd["base_version"],
+        "sample_count": sample_count,
+        "update_format": "delta",
+        "weights": {"data": b64(safetensors.numpy.save(delta))},
+    }
+    if metrics is not None:
+        params["metrics"] = metrics
+    return await client.ok("training.weights.upload", params, token)

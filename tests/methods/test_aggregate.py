@@ -412,29 +412,22 @@ async def _dp_federation(client, org, mlp_model, budget: float) -> dict:
     return fed
 
 
-async def test_an_exhausted_budget_fails_the_round_without_a_version(
-    client, org, mlp_model, mlp_bundle
-):
+async def test_a_round_that_would_exceed_the_budget_is_not_drawn(client, org, mlp_model):
+    # The charge is made when the devices are drawn: past the budget nothing is drawn.
     fed = await _dp_federation(client, org, mlp_model, 0.01)
-    rnd, _, _ = await run_round(
-        client,
-        org,
-        mlp_model,
-        mlp_bundle[0],
-        fmt="delta",
-        extra={
-            "federation_id": fed["id"],
-            "differential_privacy": {"noise_multiplier": 0.5, "clipping_norm": 1.0},
-        },
-    )
-    error = await client.error("training.aggregate", {"round_id": rnd["id"]}, org.token)
+    await register_device(client, org.token)
+    params = {
+        "model_id": mlp_model["id"],
+        "base_version": 1,
+        "target_device_count": 2,
+        "federation_id": fed["id"],
+        "differential_privacy": {"noise_multiplier": 0.5, "clipping_norm": 1.0},
+    }
+    rnd = await client.ok("training.create_round", params, org.token)
+    error = await client.error("training.select_devices", {"round_id": rnd["id"]}, org.token)
     assert error["data"]["type"] == "privacy_budget_exhausted"
-    assert (await client.ok("models.versions.list", {"model_id": mlp_model["id"]}, org.token))[
-        "total"
-    ] == 1
-    assert (await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token))[
-        "state"
-    ] == "failed"
+    shown = await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token)
+    assert shown["state"] == "pending" and shown["selected_devices"] == []
     assert (await client.ok("federations.privacy.get", {"federation_id": fed["id"]}, org.token))[
         "rounds_tracked"
     ] == 0
@@ -479,3 +472,20 @@ async def test_auto_rounds_with_too_few_updates_fail_at_the_deadline(
     await aggregate_due_rounds(client.app[SERVICES])
     failed = await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token)
     assert failed["state"] == "failed" and "needs 1" in failed["failure_reason"]
+
+
+async def test_a_round_taken_over_after_its_lease_ran_out_publishes_one_version(
+    client, org, mlp_model, mlp_bundle, monkeypatch
+):
+    # A lease of 0 s: the second call takes the round over while the first still works on it.
+    monkeypatch.setattr("fedrpc.services.round_aggregation.LEASE_SECONDS", 0)
+    rnd, _, _ = await run_round(client, org, mlp_model, mlp_bundle[0])
+    answers = await asyncio.gather(
+        client.call("training.aggregate", {"round_id": rnd["id"]}, org.token),
+        client.call("training.aggregate", {"round_id": rnd["id"]}, org.token, id_=2),
+    )
+    assert sum("result" in a for a in answers) == 1, answers
+    [refused] = [a["error"] for a in answers if "error" in a]
+    assert refused["data"]["type"] in ("conflict", "precondition_failed")
+    versions = await client.ok("models.versions.list", {"model_id": mlp_model["id"]}, org.token)
+    assert [v["version"] for v in versions["items"]] == [2, 1]

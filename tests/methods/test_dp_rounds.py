@@ -19,7 +19,7 @@ from scipy import stats
 
 from tests.conftest import register_device
 from tests.kernels.nets import numpy_state
-from tests.methods.conftest import b64
+from tests.methods.conftest import shared_federation, upload_delta
 
 DELTA = 1e-5
 Z, CLIP = 1.1, 0.5
@@ -38,22 +38,8 @@ def dp_accounting_epsilon(noise_multiplier: float, q: float, delta: float) -> fl
 
 async def dp_federation(client, owner, member, model, *, budget: float | None = 10.0) -> dict:
     """A federation of `owner` (budget, min_round_updates 2) with `model` shared and `member` in."""
-    params = {"name": "dp", "org_id": owner.id, "min_round_updates": 2}
-    if budget is not None:
-        params["privacy_policy"] = {"total_epsilon_budget": budget}
-    fed = await client.ok("federations.create", params, owner.token)
-    await client.ok(
-        "federations.models.share",
-        {"federation_id": fed["id"], "model_id": model["id"]},
-        owner.token,
-    )
-    await client.ok(
-        "federations.invite", {"federation_id": fed["id"], "org_ids": [member.id]}, owner.token
-    )
-    await client.ok(
-        "federations.join", {"federation_id": fed["id"], "org_id": member.id}, member.token
-    )
-    return fed
+    policy = {} if budget is None else {"privacy_policy": {"total_epsilon_budget": budget}}
+    return await shared_federation(client, owner, member, model, "dp", **policy)
 
 
 async def devices_of(client, orgs) -> dict[str, str]:
@@ -79,16 +65,28 @@ def dp_round_params(model, fed, **extra) -> dict:
     }
 
 
-async def poisson_round(client, owner, member, model, fed) -> tuple[dict, dict]:
-    """A DP round whose Poisson draw selected at least two devices (else drawn again)."""
-    for _ in range(20):
+async def poisson_round(client, owner, member, model, fed) -> tuple[dict, list[str], int]:
+    """A DP round whose Poisson draw selected at least two devices (else drawn again, in a new
+    round: every draw is charged). Its selected devices (each organization reads its own) and
+    how many draws it took."""
+    for draws in range(1, 21):
         rnd = await client.ok("training.create_round", dp_round_params(model, fed), owner.token)
         body = await client.call("training.select_devices", {"round_id": rnd["id"]}, owner.token)
-        if "result" in body and body["result"]["selected_count"] >= 2:
-            return rnd, body["result"]
-        # An empty draw (precondition_failed) or a single device: another round, a new draw.
-        await client.ok("training.cancel_round", {"round_id": rnd["id"]}, owner.token)
+        if "result" in body:
+            theirs = await client.ok("training.get_round", {"round_id": rnd["id"]}, member.token)
+            selected = body["result"]["selected"] + theirs["selected_devices"]
+            if len(selected) >= 2:
+                return rnd, selected, draws
+            await client.ok("training.cancel_round", {"round_id": rnd["id"]}, owner.token)
     raise AssertionError("twenty Poisson draws at q = 0.75 all selected fewer than two devices")
+
+
+def composed_epsilon(noise_multiplier: float, q: float, rounds: int, delta: float) -> float:
+    """``rounds`` Poisson-subsampled Gaussian steps composed, by dp-accounting's RDP accountant."""
+    accountant = rdp_privacy_accountant.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier))
+    accountant.compose(event, rounds)
+    return float(accountant.get_epsilon(delta))
 
 
 def clipped(delta: dict[str, np.ndarray], clip: float) -> dict[str, np.ndarray]:
@@ -112,19 +110,14 @@ async def test_a_dp_federation_round_is_poisson_selected_noised_and_charged_as_d
 ):
     fed = await dp_federation(client, org, other_org, mlp_model)
     tokens = await devices_of(client, [org, other_org])
-    rnd, selection = await poisson_round(client, org, other_org, mlp_model, fed)
+    rnd, selected, draws = await poisson_round(client, org, other_org, mlp_model, fed)
 
     # Recorded with the round: the method and q = target / eligible, as the accountant needs.
     q = TARGET / (2 * PER_ORG)
     shown = await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token)
     assert shown["selection_method"] == "poisson"
     assert shown["sample_rate"] == pytest.approx(q, rel=1e-15)
-    assert shown["eligible_count"] == selection["eligible_count"] == 2 * PER_ORG
-    selected = list(selection["selected"])
-    selected += (await client.ok("training.get_round", {"round_id": rnd["id"]}, other_org.token))[
-        "selected_devices"
-    ]
-    assert len(selected) == selection["selected_count"]
+    assert shown["eligible_count"] == 2 * PER_ORG
 
     await client.ok("training.start_round", {"round_id": rnd["id"]}, org.token)
     base = numpy_state(mlp_bundle[0])
@@ -134,35 +127,34 @@ async def test_a_dp_federation_round_is_poisson_selected_noised_and_charged_as_d
         # Norms around 0.1 * sqrt(#params) > CLIP: every delta gets clipped.
         delta = {k: rng.normal(0, 0.1, v.shape).astype(np.float32) for k, v in base.items()}
         deltas.append(delta)
-        await client.ok(
-            "training.weights.upload",
-            {
-                "round_id": rnd["id"],
-                "model_id": mlp_model["id"],
-                "version": 1,
-                "sample_count": 10 * (i + 1),
-                "update_format": "delta",
-                "weights": {"data": b64(safetensors.numpy.save(delta))},
-                "metrics": {"loss": 1.0 + i, "accuracy": 0.5 + 0.01 * i},
-            },
+        await upload_delta(
+            client,
+            rnd,
             tokens[device_id],
+            delta,
+            10 * (i + 1),
+            {"loss": 1.0 + i, "accuracy": 0.5 + 0.01 * i},
         )
     version = await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
 
-    # The ledger: charged at the recorded q (not selected / eligible), epsilon as dp-accounting.
-    reference = dp_accounting_epsilon(Z, q, DELTA)
+    # The ledger: every draw charged at the recorded q (not selected / eligible) when it was
+    # drawn, epsilon as dp-accounting's composition of that many Poisson-subsampled steps.
     history = await client.ok(
         "federations.privacy.history", {"federation_id": fed["id"]}, other_org.token
     )
-    [entry] = history["items"]
-    assert entry["round_id"] == rnd["id"] and entry["num_steps"] == 1
-    assert entry["sample_rate"] == pytest.approx(q, rel=1e-15)
-    assert entry["noise_multiplier"] == Z
-    assert entry["round_epsilon_cost"] == pytest.approx(reference, rel=1e-6)
-    assert entry["cumulative_epsilon"] == pytest.approx(reference, rel=1e-6)
+    entries = sorted(history["items"], key=lambda e: e["cumulative_epsilon"])
+    assert len(entries) == draws and entries[-1]["round_id"] == rnd["id"]
+    for entry in entries:
+        assert entry["num_steps"] == 1 and entry["noise_multiplier"] == Z
+        assert entry["sample_rate"] == pytest.approx(q, rel=1e-15)
+        assert entry["round_epsilon_cost"] == pytest.approx(
+            dp_accounting_epsilon(Z, q, DELTA), rel=1e-6
+        )
+    reference = composed_epsilon(Z, q, draws, DELTA)
+    assert entries[-1]["cumulative_epsilon"] == pytest.approx(reference, rel=1e-6)
     state = await client.ok("federations.privacy.get", {"federation_id": fed["id"]}, org.token)
     assert state["current_epsilon_spent"] == pytest.approx(reference, rel=1e-6)
-    assert state["rounds_tracked"] == 1
+    assert state["rounds_tracked"] == draws
 
     # The noise: new - base - (sum of clipped deltas) / (q N) is N(0, (z C / (q N))^2).
     expected_cohort = q * 2 * PER_ORG
@@ -183,27 +175,13 @@ async def test_a_dp_version_publishes_no_unnoised_per_device_statistic(
 ):
     fed = await dp_federation(client, org, other_org, mlp_model)
     tokens = await devices_of(client, [org, other_org])
-    rnd, selection = await poisson_round(client, org, other_org, mlp_model, fed)
-    selected = list(selection["selected"])
-    selected += (await client.ok("training.get_round", {"round_id": rnd["id"]}, other_org.token))[
-        "selected_devices"
-    ]
+    rnd, selected, _ = await poisson_round(client, org, other_org, mlp_model, fed)
     await client.ok("training.start_round", {"round_id": rnd["id"]}, org.token)
     base = numpy_state(mlp_bundle[0])
     for i, device_id in enumerate(selected):
         delta = {k: np.full(v.shape, 0.001 * (i + 1), np.float32) for k, v in base.items()}
-        await client.ok(
-            "training.weights.upload",
-            {
-                "round_id": rnd["id"],
-                "model_id": mlp_model["id"],
-                "version": 1,
-                "sample_count": 100 + i,
-                "update_format": "delta",
-                "weights": {"data": b64(safetensors.numpy.save(delta))},
-                "metrics": {"loss": 0.5 + i, "secret_metric": 42.0},
-            },
-            tokens[device_id],
+        await upload_delta(
+            client, rnd, tokens[device_id], delta, 100 + i, {"loss": 0.5 + i, "secret_metric": 42.0}
         )
     await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
 
@@ -220,7 +198,7 @@ async def test_a_dp_version_publishes_no_unnoised_per_device_statistic(
             assert v["metrics"]["dp_expected_updates"] == pytest.approx(TARGET, rel=1e-12)
 
 
-async def test_dp_selection_refuses_stratification_and_an_empty_draw_leaves_the_round_pending(
+async def test_dp_selection_refuses_stratification_and_charges_every_draw_even_an_empty_one(
     client, org, other_org, mlp_model
 ):
     fed = await dp_federation(client, org, other_org, mlp_model)
@@ -232,9 +210,14 @@ async def test_dp_selection_refuses_stratification_and_an_empty_draw_leaves_the_
         org.token,
     )
     assert error["data"]["type"] == "bad_request"
+    state = await client.ok("federations.privacy.get", {"federation_id": fed["id"]}, org.token)
+    assert state["rounds_tracked"] == 0
 
+    # Select, look, cancel, draw again: before, only the round finally aggregated was charged.
     # q = fraction = 0.001 over 8 devices: a draw is empty with probability 0.992.
+    draws = 0
     for _ in range(20):
+        draws += 1
         body = await client.call(
             "training.select_devices",
             {"round_id": rnd["id"], "criteria": {"fraction": 0.001}},
@@ -245,13 +228,39 @@ async def test_dp_selection_refuses_stratification_and_an_empty_draw_leaves_the_
         await client.ok("training.cancel_round", {"round_id": rnd["id"]}, org.token)
         rnd = await client.ok("training.create_round", dp_round_params(mlp_model, fed), org.token)
     data = body["error"]["data"]
-    assert data["type"] == "precondition_failed"
-    assert data["sample_rate"] == pytest.approx(0.001, rel=1e-15) and data["eligible_count"] == 8
+    assert data["type"] == "precondition_failed" and data["state"] == "failed"
+    assert data["sample_rate"] == pytest.approx(0.001, rel=1e-15)
     after = await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token)
-    assert after["state"] == "pending" and after.get("selection_method") is None
-    assert after.get("sample_rate") is None and after["selected_devices"] == []
+    assert after["state"] == "failed" and after["selected_devices"] == []
+    assert after["selection_method"] == "poisson"
+    # The empty round cannot be selected again: a new draw needs a new (charged) round.
+    again = await client.error("training.select_devices", {"round_id": rnd["id"]}, org.token)
+    assert again["data"]["type"] == "precondition_failed"
     state = await client.ok("federations.privacy.get", {"federation_id": fed["id"]}, org.token)
-    assert state["rounds_tracked"] == 0
+    assert state["rounds_tracked"] == draws
+    assert state["current_epsilon_spent"] == pytest.approx(
+        composed_epsilon(Z, 0.001, draws, DELTA), rel=1e-6
+    )
+
+
+async def test_a_private_round_does_not_show_whether_another_organizations_device_was_drawn(
+    client, org, other_org, mlp_model
+):
+    # Seeing the draw would undo the amplification by sampling that the ledger charges for.
+    fed = await dp_federation(client, org, other_org, mlp_model)
+    await devices_of(client, [org, other_org])
+    rnd = await client.ok("training.create_round", dp_round_params(mlp_model, fed), org.token)
+    chosen = await client.ok("training.select_devices", {"round_id": rnd["id"]}, org.token)
+    assert "selected_count" not in chosen
+    assert {p["org_id"] for p in chosen["participation"]} <= {org.id}
+    await client.ok("training.start_round", {"round_id": rnd["id"]}, org.token)
+    for reader in (org, other_org):
+        shown = await client.ok("training.get_round", {"round_id": rnd["id"]}, reader.token)
+        assert {p["org_id"] for p in shown["participation"]} <= {reader.id}
+        progress = await client.ok(
+            "training.get_round_progress", {"round_id": rnd["id"]}, reader.token
+        )
+        assert not {"selected_count", "received_count", "total_samples"} & set(progress)
 
 
 async def test_without_dp_a_round_is_still_a_fixed_size_uniform_sample(

@@ -18,30 +18,13 @@ import pytest
 import safetensors.numpy
 
 from tests.conftest import register_device
-from tests.methods.conftest import b64
+from tests.methods.conftest import b64, shared_federation
 from tests.methods.test_weights_upload import update_bytes, upload_params
 
 
 async def federation_of(client, owner, member, model: dict, name: str = "f") -> dict:
-    """A federation of `owner` (rounds mix at least 2 updates) with `model` shared into it and
-    `member` an active member."""
-    fed = await client.ok(
-        "federations.create",
-        {"name": name, "org_id": owner.id, "min_round_updates": 2},
-        owner.token,
-    )
-    await client.ok(
-        "federations.models.share",
-        {"federation_id": fed["id"], "model_id": model["id"]},
-        owner.token,
-    )
-    await client.ok(
-        "federations.invite", {"federation_id": fed["id"], "org_ids": [member.id]}, owner.token
-    )
-    await client.ok(
-        "federations.join", {"federation_id": fed["id"], "org_id": member.id}, member.token
-    )
-    return fed
+    """A federation of `owner` (rounds mix at least 2 updates), `model` shared, `member` in."""
+    return await shared_federation(client, owner, member, model, name)
 
 
 async def started_round(client, owner, model: dict, count: int, **extra) -> dict:
@@ -133,6 +116,12 @@ async def test_updates_show_the_other_organization_only_as_counts(
     client, mlp_model, two_orgs, who, method
 ):
     me, other = sides(two_orgs, who)
+    # While the round runs, another organization's updates are not counted at all: polled
+    # around one upload, a live count would time that device's update.
+    result = await client.ok(method, {"model_id": mlp_model["id"]}, me.org.token)
+    assert result["participation"] == counts((me, 2, 2))
+    owner = two_orgs["A"]
+    await client.ok("training.aggregate", {"round_id": two_orgs["round"]["id"]}, owner.org.token)
     result = await client.ok(method, {"model_id": mlp_model["id"]}, me.org.token)
     assert leaked(result, other) == []
     assert result["participation"] == counts((me, 2, 2), (other, 2, 2))
@@ -178,8 +167,10 @@ async def test_another_organizations_device_state_is_refused(
 
 
 @pytest.mark.parametrize("who", ["owner", "member"])
-async def test_members_statistics_are_per_organization_aggregates(client, two_orgs, who):
+async def test_members_statistics_are_per_organization_aggregates(client, org, two_orgs, who):
     me, other = sides(two_orgs, who)
+    # Statistics come from completed rounds only (docs/privacy.md).
+    await client.ok("training.aggregate", {"round_id": two_orgs["round"]["id"]}, org.token)
     members = await client.ok(
         "federations.members", {"federation_id": two_orgs["fed"]["id"]}, me.org.token
     )

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import safetensors.numpy
 
 from tests.conftest import register_device
-from tests.methods.conftest import b64, inline, shared_federation
+from tests.methods.conftest import inline, shared_federation, upload_delta
 
 
-def _delta(net, seed: int) -> dict[str, np.ndarray]:
+def _delta(net, seed: int | None) -> dict[str, np.ndarray]:
+    """A seeded random delta, or zeros (seed None)."""
     rng = np.random.default_rng(seed)
     return {
         k: (
-            rng.normal(0, 0.1, v.shape).astype(np.float32)
+            (rng.normal(0, 0.1, v.shape) if seed is not None else np.zeros(v.shape)).astype(
+                np.float32
+            )
             if v.dtype.is_floating_point
             else v.numpy()
         )
@@ -26,19 +28,8 @@ def _delta(net, seed: int) -> dict[str, np.ndarray]:
     }
 
 
-async def _upload(client, rnd: dict, model: dict, token: str, net, seed: int) -> None:
-    await client.ok(
-        "training.weights.upload",
-        {
-            "round_id": rnd["id"],
-            "model_id": model["id"],
-            "version": 1,
-            "sample_count": 10,
-            "update_format": "delta",
-            "weights": {"data": b64(safetensors.numpy.save(_delta(net, seed)))},
-        },
-        token,
-    )
+async def _upload(client, rnd: dict, model: dict, token: str, net, seed: int | None) -> None:
+    await upload_delta(client, rnd, token, _delta(net, seed))
 
 
 async def _federation_round(client, owner, member, model, *, owner_devices, member_devices, **fed):
@@ -92,23 +83,31 @@ async def test_a_member_cannot_publish_weights_as_the_owners_next_version(
     assert versions["total"] == 1
 
 
-async def test_the_owner_cannot_aggregate_fewer_updates_than_the_federation_demands(
+async def test_the_owner_cannot_read_one_members_update_by_filling_the_round_itself(
     client, org, other_org, mlp_model, mlp_bundle
 ):
+    # The owner's devices send zero deltas: the average would be the member device's update
+    # divided by a number the owner knows. Only updates no single organization sent count.
     net, _ = mlp_bundle
     rnd, mine, theirs = await _federation_round(
-        client, org, other_org, mlp_model, owner_devices=2, member_devices=2, min_round_updates=3
+        client, org, other_org, mlp_model, owner_devices=4, member_devices=4, min_round_updates=3
     )
-    await _upload(client, rnd, mlp_model, mine[0], net, 1)
-    await _upload(client, rnd, mlp_model, theirs[0], net, 2)
-    # Asking for fewer does not lower the federation's floor.
-    error = await client.error(
-        "training.aggregate", {"round_id": rnd["id"], "min_updates": 1}, org.token
-    )
-    assert error["data"]["type"] == "precondition_failed" and error["data"]["min_updates"] == 3
-    await _upload(client, rnd, mlp_model, theirs[1], net, 3)
+    for token in mine:
+        await _upload(client, rnd, mlp_model, token, net, None)
+    await _upload(client, rnd, mlp_model, theirs[0], net, 1)
+    for extra in ({}, {"min_updates": 1}):
+        error = await client.error(
+            "training.aggregate", {"round_id": rnd["id"], **extra}, org.token
+        )
+        assert error["data"]["type"] == "precondition_failed"
+        assert error["data"]["min_updates"] == 3 and error["data"]["mixed"] == 1
+    assert (await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token))[
+        "state"
+    ] == "running"
+    for i, token in enumerate(theirs[1:3]):
+        await _upload(client, rnd, mlp_model, token, net, 2 + i)
     version = await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
-    assert version["num_updates"] == 3
+    assert version["num_updates"] == 7
 
 
 async def test_updates_of_one_organization_alone_are_not_aggregated_when_two_take_part(
@@ -121,13 +120,26 @@ async def test_updates_of_one_organization_alone_are_not_aggregated_when_two_tak
     await _upload(client, rnd, mlp_model, theirs[0], net, 1)
     await _upload(client, rnd, mlp_model, theirs[1], net, 2)
     error = await client.error("training.aggregate", {"round_id": rnd["id"]}, org.token)
-    assert error["data"]["type"] == "precondition_failed"
-    assert error["data"]["organizations"] == 1
-    progress = await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token)
-    assert progress["state"] == "running"
+    assert error["data"]["type"] == "precondition_failed" and error["data"]["mixed"] == 0
     await _upload(client, rnd, mlp_model, mine[0], net, 3)
+    error = await client.error("training.aggregate", {"round_id": rnd["id"]}, org.token)
+    assert error["data"]["mixed"] == 1
+    await _upload(client, rnd, mlp_model, mine[1], net, 4)
     version = await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
-    assert version["num_updates"] == 3
+    assert version["num_updates"] == 4
+
+
+async def test_a_round_only_one_organizations_devices_take_part_in_counts_them_all(
+    client, org, other_org, mlp_model, mlp_bundle
+):
+    net, _ = mlp_bundle
+    rnd, _, theirs = await _federation_round(
+        client, org, other_org, mlp_model, owner_devices=0, member_devices=2
+    )
+    for i, token in enumerate(theirs):
+        await _upload(client, rnd, mlp_model, token, net, i)
+    version = await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
+    assert version["num_updates"] == 2
 
 
 @pytest.mark.parametrize("strategy", ["krum", "fedmedian", "fedtrimmedavg"])
@@ -147,3 +159,20 @@ async def test_a_strategy_that_can_return_one_update_is_refused_at_aggregation_t
     assert (await client.ok("training.get_round", {"round_id": rnd["id"]}, org.token))[
         "state"
     ] == "running"
+
+
+async def test_live_totals_do_not_reveal_one_member_devices_sample_count(
+    client, org, other_org, mlp_model, mlp_bundle
+):
+    # Polled around one upload, a live total is that device's claim.
+    net, _ = mlp_bundle
+    rnd, _, theirs = await _federation_round(
+        client, org, other_org, mlp_model, owner_devices=1, member_devices=1
+    )
+    stats = {"model_id": mlp_model["id"]}
+    before = await client.ok("training.updates.stats", stats, org.token)
+    await _upload(client, rnd, mlp_model, theirs[0], net, 1)
+    after = await client.ok("training.updates.stats", stats, org.token)
+    assert after == before
+    progress = await client.ok("training.get_round_progress", {"round_id": rnd["id"]}, org.token)
+    assert "total_samples" not in progress and progress["received_count"] == 1

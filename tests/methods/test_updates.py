@@ -68,7 +68,13 @@ async def world(client, org, other_org, make_org, mlp_model):
             )
         )
     outsider = await make_org("outsider")
-    return {"fed": fed, "sent": sent, "outsider": outsider, "rounds": (private, shared, third)}
+    return {
+        "fed": fed,
+        "sent": sent,
+        "outsider": outsider,
+        "rounds": (private, shared, third),
+        "a2": a2,  # the owner's device selected in the shared round that did not upload to it
+    }
 
 
 def visible_rounds(world, org_id: str, org) -> set[str]:
@@ -80,13 +86,18 @@ def visible_rounds(world, org_id: str, org) -> set[str]:
     )
 
 
-def participation(world, caller, org) -> list[dict]:
-    """Every organization's devices and updates in the rounds `caller` may read, recomputed."""
+def counted(world, caller, org) -> list[Sent]:
+    """The updates `caller` is told about: its own in the rounds it may read, another
+    organization's only in completed rounds (every round of the world is still running)."""
     rounds = visible_rounds(world, caller.id, org)
+    return [s for s in world["sent"] if s.round_id in rounds and s.org_id == caller.id]
+
+
+def participation(world, caller, org) -> list[dict]:
+    """Every organization's devices and updates `caller` is told about, recomputed."""
     per_org: dict[str, list[Sent]] = {}
-    for s in world["sent"]:
-        if s.round_id in rounds:
-            per_org.setdefault(s.org_id, []).append(s)
+    for s in counted(world, caller, org):
+        per_org.setdefault(s.org_id, []).append(s)
     rows = [
         {"org_id": o, "devices": len({s.device_id for s in sent}), "updates": len(sent)}
         for o, sent in per_org.items()
@@ -125,16 +136,15 @@ async def test_stats_aggregate_every_round_the_caller_may_read(
     client, org, other_org, mlp_model, world, who
 ):
     caller = org if who == "owner" else other_org
-    rounds = visible_rounds(world, caller.id, org)
-    counted = [s for s in world["sent"] if s.round_id in rounds]
+    told = counted(world, caller, org)
     stats = await client.ok(
         "training.updates.stats", {"model_id": mlp_model["id"], "version": 1}, caller.token
     )
-    assert stats["update_count"] == len(counted)
-    assert stats["total_samples"] == sum(s.samples for s in counted)
-    assert when(stats["last_received_at"]) == max(s.received_at for s in counted)
-    # The member sees both members' devices in the shared rounds, not the owner's private round.
-    assert stats["update_count"] == (6 if who == "owner" else 4)
+    assert stats["update_count"] == len(told)
+    assert stats["total_samples"] == sum(s.samples for s in told)
+    assert when(stats["last_received_at"]) == max(s.received_at for s in told)
+    # Each sees its own three updates: the other's are in rounds still running.
+    assert stats["update_count"] == 3
     assert stats["participation"] == participation(world, caller, org)
     assert sum(p["updates"] for p in stats["participation"]) == stats["update_count"]
 
@@ -214,7 +224,23 @@ def weighted(sent: list[Sent], metric: str) -> float | None:
 async def test_members_statistics_come_from_updates_in_the_federations_rounds(
     client, org, other_org, world
 ):
-    fed_rounds = {world["rounds"][1]["id"], world["rounds"][2]["id"]}
+    private, shared, third = world["rounds"]
+    # The shared round gets the owner's second device too, so each organization sends two
+    # updates (the federation's min_round_updates) and the round can be aggregated.
+    a2 = world["a2"]
+    params = upload_params(
+        shared, update_bytes(9), sample_count=9, metrics={"loss": 0.6, "accuracy": 0.4}
+    )
+    result = await client.ok("training.weights.upload", params, a2["token"])
+    sent_all = [
+        *world["sent"],
+        Sent(shared["id"], a2["device_id"], org.id, 9, params["metrics"], result),
+    ]
+    for rnd in (private, shared):
+        await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
+    finished_at = (await client.ok("training.get_round", {"round_id": shared["id"]}, org.token))[
+        "finished_at"
+    ]
     await client.ok(
         "federations.invite",
         {"federation_id": world["fed"]["id"], "org_ids": [world["outsider"].id]},
@@ -225,24 +251,22 @@ async def test_members_statistics_come_from_updates_in_the_federations_rounds(
     )
     by_org = {m["org_id"]: m for m in members["members"]}
     for member in (org, other_org):
-        sent = [s for s in world["sent"] if s.org_id == member.id and s.round_id in fed_rounds]
+        # Only the completed federation round counts: not the owner's private round, not the
+        # third round, still running.
+        sent = [s for s in sent_all if s.org_id == member.id and s.round_id == shared["id"]]
         row = by_org[member.id]
-        assert row["rounds_contributed"] == len({s.round_id for s in sent})
+        assert row["rounds_contributed"] == 1
         assert row["total_samples"] == sum(s.samples for s in sent)
         assert row["avg_accuracy"] == pytest.approx(weighted(sent, "accuracy"), rel=1e-12)
         assert row["avg_loss"] == pytest.approx(weighted(sent, "loss"), rel=1e-12)
-        assert when(row["last_contribution_at"]) == max(s.received_at for s in sent)
-    # The owner's private round is not a contribution to the federation.
-    assert (by_org[org.id]["rounds_contributed"], by_org[org.id]["total_samples"]) == (1, 5)
-    assert by_org[other_org.id]["rounds_contributed"] == 2
+        assert when(row["last_contribution_at"]) == when(finished_at)
+    assert by_org[org.id]["total_samples"] == 5 + 9
+    assert by_org[other_org.id]["total_samples"] == 20 + 7
     invited = by_org[world["outsider"].id]
+    assert invited["status"] == "invited" and invited["rounds_contributed"] == 0
     assert (
-        invited["status"] == "invited"
-        and invited["rounds_contributed"] == 0
-        and invited["total_samples"] == 0
-    )
-    assert (
-        invited["avg_accuracy"] is None
+        invited["total_samples"] is None
+        and invited["avg_accuracy"] is None
         and invited["avg_loss"] is None
         and invited["last_contribution_at"] is None
     )
@@ -257,10 +281,12 @@ async def test_member_without_reported_metrics_has_null_averages(client, org, ot
         {"federation_id": fed["id"], "model_id": mlp_model["id"]},
         org.token,
     )
-    device = await register_device(client, org.token)
-    await register_device(client, org.token)
+    devices = [await register_device(client, org.token) for _ in range(2)]
     rnd = await started_round(client, org, mlp_model, 2, federation_id=fed["id"])
-    await client.ok("training.weights.upload", upload_params(rnd, sample_count=4), device["token"])
+    for seed, (device, samples) in enumerate(zip(devices, (4, 6), strict=True)):
+        params = upload_params(rnd, update_bytes(seed), sample_count=samples)
+        await client.ok("training.weights.upload", params, device["token"])
+    await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
     [row] = (await client.ok("federations.members", {"federation_id": fed["id"]}, org.token))[
         "members"
     ]
@@ -269,4 +295,4 @@ async def test_member_without_reported_metrics_has_null_averages(client, org, ot
         row["total_samples"],
         row["avg_loss"],
         row["avg_accuracy"],
-    ) == (1, 4, None, None)
+    ) == (1, 4 + 6, None, None)

@@ -27,9 +27,11 @@ SET state = 'completed', result_version = %(version)s, finished_at = now(), aggr
 WHERE id = %(round_id)s AND state = 'aggregating';
 
 -- name: list_round_updates
--- The updates of a round, oldest first, with what aggregation needs.
-SELECT id, device_id, object_key, sha256, sample_count, encoding, metrics
-FROM training_updates WHERE round_id = %(round_id)s ORDER BY received_at, id;
+-- The updates of a round from devices that are not revoked, oldest first, with what aggregation needs.
+SELECT u.id, u.device_id, u.object_key, u.sha256, u.sample_count, u.encoding, u.metrics
+FROM training_updates AS u JOIN devices AS d ON d.id = u.device_id
+WHERE u.round_id = %(round_id)s AND d.revoked_at IS NULL
+ORDER BY u.received_at, u.id;
 
 -- name: find_base_artifacts
 -- The base version's manifest and the keys of its weights, program and ONNX model.
@@ -95,10 +97,6 @@ ORDER BY chosen.turn, chosen.due_at, chosen.id;
 -- name: get_round
 -- One round, unlocked (the claim above is what serializes aggregations).
 SELECT * FROM training_rounds WHERE id = %(round_id)s;
-
--- name: get_federation_budget
--- The budget a DP round is charged against.
-SELECT total_epsilon_budget, total_delta_budget FROM federations WHERE id = %(federation_id)s;
 
 -- name: update_round_given_up
 -- Auto-aggregation gives up: running (or aggregating by a vanished worker) -> failed, with the reason.

@@ -15,14 +15,16 @@ WHERE u.model_id = %(model_id)s AND (%(version)s::integer IS NULL OR u.version =
   AND u.org_id = %(org_id)s;
 
 -- name: get_update_stats
--- Count, samples and latest arrival of a model's updates in the rounds an organization may read (its own, its federations').
+-- Count, samples and latest arrival of a model's updates in the rounds an organization may read (its own, its federations'); another organization's only once their round completed without DP.
 SELECT count(*) AS update_count, coalesce(sum(u.sample_count), 0)::bigint AS total_samples,
        max(u.received_at) AS last_received_at
 FROM training_updates AS u
 JOIN training_rounds AS r ON r.id = u.round_id
 WHERE u.model_id = %(model_id)s AND (%(version)s::integer IS NULL OR u.version = %(version)s)
   AND (r.org_id = %(org_id)s OR r.federation_id IN (
-           SELECT federation_id FROM federation_members WHERE org_id = %(org_id)s AND status = 'active'));
+           SELECT federation_id FROM federation_members WHERE org_id = %(org_id)s AND status = 'active'))
+  -- Live totals would show one device's sample count between two polls; a private round's are not noised.
+  AND (u.org_id = %(org_id)s OR (r.state = 'completed' AND r.dp_config IS NULL));
 
 -- name: list_device_contributions
 -- Per device of one organization: updates and samples for a model, most recently active first.
@@ -42,12 +44,13 @@ WHERE u.model_id = %(model_id)s AND (%(version)s::integer IS NULL OR u.version =
   AND u.org_id = %(org_id)s;
 
 -- name: list_participation
--- Per organization whose devices updated the model in a round the caller may read (its own, its federations'): devices and updates, counts only.
+-- Per organization whose devices updated the model in a round the caller may read (its own, its federations'): devices and updates, counts only; another organization's once their round completed without DP.
 SELECT u.org_id, count(DISTINCT u.device_id) AS devices, count(*) AS updates
 FROM training_updates AS u
 JOIN training_rounds AS r ON r.id = u.round_id
 WHERE u.model_id = %(model_id)s AND (%(version)s::integer IS NULL OR u.version = %(version)s)
   AND (r.org_id = %(org_id)s OR r.federation_id IN (
            SELECT federation_id FROM federation_members WHERE org_id = %(org_id)s AND status = 'active'))
+  AND (u.org_id = %(org_id)s OR (r.state = 'completed' AND r.dp_config IS NULL))
 GROUP BY u.org_id
 ORDER BY u.org_id;
