@@ -105,7 +105,17 @@ async def join(ctx: Context, p: JoinParams) -> Membership:
 
 @rpc_method(ORG)
 async def members(ctx: Context, p: MembersParams) -> MembersResult:
-    """Every member with contribution statistics derived from accepted training updates."""
+    """Every member with contribution statistics from the federation's completed rounds
+    without differential privacy (docs/privacy.md, "What round views still reveal").
+
+    Running, failed and cancelled rounds and every DP round contribute nothing, so polling
+    this view never tells one upload apart. `rounds_contributed` counts the completed non-DP
+    rounds an organization sent updates to, `last_contribution_at` is when the latest of
+    them finished. An organization's updates in such a round enter its `total_samples`,
+    `avg_loss` and `avg_accuracy` (sample-weighted) only if it sent at least the
+    federation's `min_round_updates` of them to that round, so each step of its totals
+    mixes that many of its updates; with no such round the three are null.
+    """
     await federation_for_member(ctx, p.federation_id)
     rows = await ctx.db.all("federations.list_members", Member, federation_id=p.federation_id)
     return MembersResult(federation_id=p.federation_id, members=rows)

@@ -33,10 +33,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from fedrpc.context import Context
-from fedrpc.errors import BadRequest, Forbidden, NotFound
 from fedrpc.registry import DEVICE, ORG, ORG_OR_DEVICE, rpc_method
 from fedrpc.services.payloads import payload_bytes
-from fedrpc.services.policy import federation_for_member, model_for_reading
+from fedrpc.services.policy import device_for_reading, federation_for_member, model_for_reading
 from methods.training._personalized import (
     latest_manifest,
     require_federation,
@@ -91,25 +90,9 @@ async def _readable_device(
     ctx: Context, device_id: str | None, federation_id: str | None, model_id: str
 ) -> str:
     """The device whose state the caller may read (see the module notes), or an error."""
-    if ctx.principal.kind == "device":
-        if device_id not in (None, ctx.principal.device_id):
-            raise Forbidden("a device reads only its own personalized state")
-        device_id = ctx.principal.device_id
-    else:
-        if device_id is None:
-            raise BadRequest(
-                "an organization names the device whose state it reads", field="device_id"
-            )
-        owner = await ctx.db.value("training.personalized.find_device_org", device_id=device_id)
-        if owner is None:
-            raise NotFound("no device with this id")
-        if owner != ctx.org_id:
-            raise Forbidden(
-                "an organization reads only its own devices' states; other members' devices "
-                "are counted per organization in training.personalized.list"
-            )
-        if federation_id is not None:
-            await federation_for_member(ctx, federation_id)
+    device_id = await device_for_reading(ctx, device_id)
+    if federation_id is not None and ctx.principal.kind != "device":
+        await federation_for_member(ctx, federation_id)
     await model_for_reading(ctx, model_id)
     return device_id
 

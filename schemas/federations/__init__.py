@@ -94,7 +94,7 @@ class JoinParams(MutatingParams, kw_only=True):
 
 
 class MembersParams(Params, kw_only=True):
-    """Every member with its contribution statistics, derived from accepted training updates."""
+    """Every member with its contribution statistics, from completed rounds without DP only."""
 
     federation_id: FederationId
 
@@ -105,7 +105,8 @@ class Member(Result, kw_only=True):
     status: str
     joined_at: datetime | None
     rounds_contributed: int
-    total_samples: int
+    # Null until the organization's updates are mixed enough to show (docs/privacy.md).
+    total_samples: int | None
     avg_accuracy: float | None
     avg_loss: float | None
     last_contribution_at: datetime | None

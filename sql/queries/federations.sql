@@ -71,19 +71,31 @@ WHERE federation_id = %(federation_id)s AND org_id = %(org_id)s
 RETURNING id, federation_id, org_id, status, created_at, updated_at, joined_at;
 
 -- name: list_members
--- Members with contributions derived from the accepted updates of their devices in this federation's rounds (any round state); averages are sample-weighted over updates that report the metric.
+-- Members with contributions from completed rounds without DP; an organization's updates in a round enter its totals and averages only when it sent at least min_round_updates there.
+WITH per_round AS (
+    SELECT u.org_id, r.id AS round_id, r.finished_at,
+           count(*) >= f.min_round_updates AS mixed,
+           sum(u.sample_count) AS samples,
+           sum(u.accuracy * u.sample_count) AS accuracy_sum,
+           sum(u.sample_count) FILTER (WHERE u.accuracy IS NOT NULL) AS accuracy_weight,
+           sum(u.loss * u.sample_count) AS loss_sum,
+           sum(u.sample_count) FILTER (WHERE u.loss IS NOT NULL) AS loss_weight
+    FROM training_rounds AS r
+    JOIN federations AS f ON f.id = r.federation_id
+    JOIN training_updates AS u ON u.round_id = r.id
+    WHERE r.federation_id = %(federation_id)s AND r.state = 'completed' AND r.dp_config IS NULL
+    GROUP BY u.org_id, r.id, r.finished_at, f.min_round_updates
+)
 SELECT m.org_id, m.status, m.joined_at,
-       count(DISTINCT u.round_id) AS rounds_contributed,
-       coalesce(sum(u.sample_count), 0)::bigint AS total_samples,
-       sum(u.accuracy * u.sample_count) / nullif(sum(u.sample_count) FILTER (WHERE u.accuracy IS NOT NULL), 0)
-           AS avg_accuracy,
-       sum(u.loss * u.sample_count) / nullif(sum(u.sample_count) FILTER (WHERE u.loss IS NOT NULL), 0)
-           AS avg_loss,
-       max(u.received_at) AS last_contribution_at
+       count(p.round_id) AS rounds_contributed,
+       (sum(p.samples) FILTER (WHERE p.mixed))::bigint AS total_samples,
+       sum(p.accuracy_sum) FILTER (WHERE p.mixed)
+           / nullif(sum(p.accuracy_weight) FILTER (WHERE p.mixed), 0) AS avg_accuracy,
+       sum(p.loss_sum) FILTER (WHERE p.mixed)
+           / nullif(sum(p.loss_weight) FILTER (WHERE p.mixed), 0) AS avg_loss,
+       max(p.finished_at) AS last_contribution_at
 FROM federation_members AS m
-LEFT JOIN (training_updates AS u JOIN training_rounds AS r
-           ON r.id = u.round_id AND r.federation_id = %(federation_id)s)
-       ON u.org_id = m.org_id
+LEFT JOIN per_round AS p ON p.org_id = m.org_id
 WHERE m.federation_id = %(federation_id)s
 GROUP BY m.id, m.org_id, m.status, m.joined_at, m.created_at
 ORDER BY m.created_at, m.org_id;

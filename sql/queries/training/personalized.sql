@@ -24,10 +24,6 @@ SET personalization_type = EXCLUDED.personalization_type, weights_key = EXCLUDED
 RETURNING device_id, model_id, NULLIF(federation_id, '') AS federation_id, personalization_type, weights_key,
           weights_sha256, weights_size_bytes, metrics, head_layers, round_number, created_at, updated_at;
 
--- name: find_device_org
--- The organization a device belongs to.
-SELECT org_id FROM devices WHERE id = %(device_id)s;
-
 -- name: list_states
 -- The latest state per device of one organization's devices, in a federation or (federation_id '') in none.
 SELECT latest.device_id, latest.model_id, latest.federation_id, latest.personalization_type, latest.weights_key,
