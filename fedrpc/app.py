@@ -102,9 +102,13 @@ async def _background(app: web.Application):
 
 
 async def _openrpc(request: web.Request) -> web.Response:
-    host = request.headers.get("Host")
-    url = server_url(request.app[SETTINGS], f"{request.scheme}://{host}" if host else "")
-    return web.Response(body=request.app[OPENRPC].encoded(url), content_type="application/json")
+    # The server URL is the address the server listens on, never the Host header; no-store
+    # keeps a shared cache from serving one connection's document to another.
+    url = server_url(request.app[SETTINGS], request.transport)
+    body = request.app[OPENRPC].encoded(url)
+    return web.Response(
+        body=body, content_type="application/json", headers={"Cache-Control": "no-store"}
+    )
 
 
 async def _healthz(request: web.Request) -> web.Response:

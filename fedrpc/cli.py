@@ -23,7 +23,7 @@ from pathlib import Path
 
 import msgspec
 
-from fedrpc.settings import Settings, settings_from_env
+from fedrpc.settings import Settings, SettingsError, settings_from_env
 
 
 def _with_database(settings: Settings, stack: ExitStack) -> Settings:
@@ -68,8 +68,27 @@ async def _create_org(settings: Settings, name: str) -> tuple[str, str]:
         return org.id, token
 
 
-class ListenError(Exception):
-    """The address cannot be listened on; the message is the one line `fedrpc serve` prints."""
+class CliError(Exception):
+    """A command cannot run; the message is the one line printed on stderr (exit status 1)."""
+
+
+class ListenError(CliError):
+    """The address cannot be listened on."""
+
+
+def load_settings(**flags: object) -> Settings:
+    """Settings from the environment and the command's flags, or a CliError naming the bad one.
+
+    Called before anything starts (embedded servers, sockets), so a bad setting leaves nothing
+    behind.
+    """
+    try:
+        return settings_from_env(**flags)
+    except SettingsError as exc:
+        if exc.field in flags:
+            where = f"--{exc.field.replace('_', '-')} {exc.value}"
+            raise CliError(f"fedrpc: {where} is invalid: {exc.reason}") from None
+        raise CliError(f"fedrpc: {exc}") from None
 
 
 def listen(host: str, port: int) -> list[socket.socket]:
@@ -113,12 +132,8 @@ def listen(host: str, port: int) -> list[socket.socket]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = settings_from_env(**overrides)
-    try:
-        socks = listen(settings.host, settings.port)
-    except ListenError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    settings = load_settings(**overrides)
+    socks = listen(settings.host, settings.port)
     try:
         return _serve(settings, socks)
     finally:
@@ -167,7 +182,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from fedrpc.db import migrate
 
     with ExitStack() as stack:
-        settings = _with_database(settings_from_env(), stack)
+        settings = _with_database(load_settings(), stack)
         applied = asyncio.run(migrate(settings.database_url))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
@@ -177,7 +192,7 @@ def cmd_create_org(args: argparse.Namespace) -> int:
     from fedrpc.db import migrate
 
     with ExitStack() as stack:
-        settings = _with_database(settings_from_env(), stack)
+        settings = _with_database(load_settings(), stack)
         asyncio.run(migrate(settings.database_url))
         org_id, token = asyncio.run(_create_org(settings, args.name))
     print(f"organization {org_id} ({args.name})\nadmin API key (shown only now): {token}")
@@ -229,7 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument("--timeout", type=float, default=60)
     call.set_defaults(run=cmd_call)
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except CliError as exc:
+        print(exc, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,8 +38,9 @@ class Context(msgspec.Struct):
     services: Services
     principal: Principal
     request_id: str
-    origin: str = ""
-    """``scheme://Host`` the request was sent to, as the client wrote it (unchecked)."""
+    transport: asyncio.BaseTransport | None = None
+    """The connection the call arrived on, for ``rpc.discover``'s server URL (its local
+    address, never the client's Host header); read only there, so other calls pay nothing."""
 
     @property
     def db(self) -> Database:

@@ -2,16 +2,15 @@
 
 The document is built once per registry; only ``servers[0].url`` depends on the request.
 It must be absolute (the reference tooling refuses ``/rpc``): ``FEDRPC_PUBLIC_URL`` when
-set, else the scheme and Host the request was addressed to, when that Host is a plain
-``host[:port]``, else the address the server listens on. Nothing is cached per Host: the
-URL is spliced into the one encoded document (``OpenRpcDocument.encoded``) or set on one
-typed copy (``OpenRpcDocument.typed``), so an arbitrary Host header costs one copy of the
-bytes and no memory.
+set, else the address the server listens on (``server_url``). The client's ``Host`` header
+is never used: the document tells an SDK where to send its bearer token, so a Host chosen
+by a client (or replayed from a shared cache) must not be able to name another server.
+The URL is spliced into the one encoded document (``OpenRpcDocument.encoded``) or set on
+one typed copy (``OpenRpcDocument.typed``).
 """
 
 from __future__ import annotations
 
-import re
 import weakref
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,6 +28,8 @@ from fedrpc.errors import (
 from fedrpc.registry import Registry
 
 if TYPE_CHECKING:
+    import asyncio
+
     from fedrpc.settings import Settings
 
 T = TypeVar("T")
@@ -87,23 +88,34 @@ def server(url: str) -> dict[str, str]:
     return {"name": "fedrpc", "url": url}
 
 
-# A Host header we repeat in the document: a DNS name, an IPv4 or a bracketed IPv6 address,
-# and an optional port. Anything else (spaces, quotes, userinfo, paths) is not believed.
-_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._~-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\]")
-_ORIGIN = re.compile(rf"https?://(?:{_HOST.pattern})(?::[0-9]{{1,5}})?")
+# Listen addresses that mean "every interface": the URL names the one the call arrived on.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
 
 
-def server_url(settings: Settings, origin: str = "") -> str:
-    """The absolute URL of ``POST /rpc`` to publish for a request addressed to ``origin``.
+def server_url(settings: Settings, transport: asyncio.BaseTransport | None = None) -> str:
+    """The absolute URL of ``POST /rpc`` to publish, never taken from the request's headers.
 
-    ``origin`` is ``scheme://Host`` as the request named it (empty when it had no Host).
+    ``FEDRPC_PUBLIC_URL`` plus ``/rpc`` when set. Else ``FEDRPC_HOST`` with the port of the
+    socket the call arrived on (``transport``; ``FEDRPC_PORT`` without one); a wildcard host
+    (``0.0.0.0``, ``::``) is replaced by that socket's own address, or the loopback address
+    when there is no socket. Computed only when asked for: ``rpc.discover`` and
+    ``GET /openrpc.json``, so the other calls pay nothing for it.
     """
     if settings.public_url:
         return settings.public_url.rstrip("/") + RPC_PATH
-    if origin and len(origin) <= 300 and _ORIGIN.fullmatch(origin):
-        return origin + RPC_PATH
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    return f"http://{host}:{settings.port}{RPC_PATH}"
+    local = transport.get_extra_info("sockname") if transport is not None else None
+    secure = transport is not None and transport.get_extra_info("sslcontext") is not None
+    host, port = settings.host, settings.port
+    if isinstance(local, tuple) and len(local) >= 2:
+        port = local[1]
+        if host in WILDCARD_HOSTS:
+            host = local[0]
+    elif host in WILDCARD_HOSTS:
+        host = "::1" if host == "::" else "127.0.0.1"
+    host = host.split("%", 1)[0]  # an IPv6 zone id is not part of a URL's host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if secure else 'http'}://{host}:{port}{RPC_PATH}"
 
 
 class OpenRpcDocument:

@@ -12,6 +12,7 @@ path, and errors that never carry exception text.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -238,14 +239,14 @@ async def _dispatch(
     who: str,
     call: Call,
     request_id: str,
-    origin: str = "",
+    transport: asyncio.BaseTransport | None = None,
 ) -> bytes | None:
     started = time.perf_counter()
     env, spec, error = call.env, call.spec, call.error
     id_ = None if env is None or env.id is UNSET else env.id
     if error is None:
         name = spec.name
-        ctx = Context(services, principal, request_id, origin)
+        ctx = Context(services, principal, request_id, transport)
         result = await jsonrpc_call(JsonRpcRequest(name, [call], id_), ctx, _jsonrpc_target)
         outcome = getattr(result, "_value", None)  # oslash: Right holds _value, Left holds _error
         if isinstance(outcome, SuccessResult):
@@ -336,14 +337,15 @@ class RpcEndpoint:
         if wait > 0:
             return _rate_limited(services, wait, request_id, headers)
         label = who if principal else "anonymous"
-        host = request.headers.get("Host")  # for rpc.discover's server URL; checked there
-        origin = f"{request.scheme}://{host}" if host else ""
+        transport = request.transport  # rpc.discover reads its local address, if called
         if not is_batch:
-            payload = await _dispatch(services, principal, label, calls[0], request_id, origin)
+            payload = await _dispatch(services, principal, label, calls[0], request_id, transport)
             if payload is None:
                 return web.Response(status=204, headers=headers)
             return web.Response(body=payload, content_type=_JSON, headers=headers)
-        bodies = [await _dispatch(services, principal, label, c, request_id, origin) for c in calls]
+        bodies = [
+            await _dispatch(services, principal, label, c, request_id, transport) for c in calls
+        ]
         answers = [b for b in bodies if b is not None]
         if not answers:
             return web.Response(status=204, headers=headers)

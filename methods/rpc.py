@@ -11,5 +11,5 @@ from schemas.rpc import DiscoverParams, DiscoverResult
 @rpc_method(PUBLIC)
 async def discover(ctx: Context, p: DiscoverParams) -> DiscoverResult:
     """The OpenRPC 1.3.2 document generated from the registry and the Structs."""
-    url = server_url(ctx.settings, ctx.origin)
+    url = server_url(ctx.settings, ctx.transport)
     return document_for(ctx.services.registry).typed(DiscoverResult, url)

@@ -73,3 +73,51 @@ def test_serve_on_a_taken_port_says_so_in_one_line_and_starts_nothing(services, 
     ]
     # Nothing was started that could outlive the command: no embedded data folder at all.
     assert not (tmp_path / "data").exists()
+
+
+# Unreachable on purpose: were a bad port let through, the command would fail at once on
+# these instead of starting an embedded Postgres or S3 that could outlive the test.
+NOWHERE = {
+    "DATABASE_URL": "postgresql://fedrpc@127.0.0.1:1/nowhere?connect_timeout=1",
+    "FEDRPC_S3_ENDPOINT": "127.0.0.1:1",
+}
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("70000", "expected an integer <= 65535"),
+        ("65536", "expected an integer <= 65535"),
+        ("-1", "expected an integer >= 1"),
+        ("0", "expected an integer >= 1"),
+        ("abc", "expected an integer"),
+    ],
+)
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_an_invalid_port_is_named_in_one_line_and_starts_nothing(tmp_path, command, value, reason):
+    env = {**NOWHERE, "FEDRPC_PORT": value, "FEDRPC_DATA_DIR": str(tmp_path / "data")}
+    args = ("serve", "--host", "127.0.0.1") if command == "serve" else (command,)
+    result = run_cli(*args, env=env)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [f"fedrpc: FEDRPC_PORT='{value}' is invalid: {reason}"]
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_invalid_port_flag_is_named_in_one_line(tmp_path):
+    env = {**NOWHERE, "FEDRPC_DATA_DIR": str(tmp_path / "data")}
+    result = run_cli("serve", "--host", "127.0.0.1", "--port", "70000", env=env)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        "fedrpc: --port 70000 is invalid: expected an integer <= 65535"
+    ]
+    assert not (tmp_path / "data").exists()
+
+
+def test_any_invalid_setting_is_named_in_one_line(tmp_path):
+    env = {**NOWHERE, "FEDRPC_PUBLIC_URL": "fl.example.com", "FEDRPC_DATA_DIR": str(tmp_path)}
+    result = run_cli("migrate", env=env)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        "fedrpc: FEDRPC_PUBLIC_URL='fl.example.com' is invalid:"
+        " expected an absolute http(s) URL without query or fragment"
+    ]

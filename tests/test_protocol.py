@@ -295,25 +295,77 @@ async def test_openrpc_document_is_valid_and_lists_every_method(client):
     assert all(m["summary"] and m["errors"] for m in document["methods"])
 
 
-async def test_openrpc_server_url_is_the_absolute_url_the_request_was_sent_to(client):
+async def test_openrpc_server_url_is_the_address_the_server_listens_on(client):
     origin = str(client.http.make_url("/")).rstrip("/")  # http://127.0.0.1:PORT
     document = await client.ok("rpc.discover")
     assert document["servers"] == [{"name": "fedrpc", "url": origin + "/rpc"}]
-    headers = {"Host": "fl.example.com:8443"}
-    served = await (await client.http.get("/openrpc.json", headers=headers)).json()
-    assert served["servers"][0]["url"] == "http://fl.example.com:8443/rpc"
-    validate_openrpc(served)
+    resp = await client.http.get("/openrpc.json")
+    assert (await resp.json())["servers"] == document["servers"]
+    validate_openrpc(document)
 
 
 @pytest.mark.parametrize(
     "host",
-    ['evil.com/"><script>', "a b", "user@evil.com", "evil.com/path", "x" * 400, "[::1"],
-    ids=["markup", "space", "userinfo", "path", "too long", "open bracket"],
+    [
+        "attacker.example",
+        "attacker.example:8443",
+        "127.0.0.1.attacker.example",
+        'evil.com/"><script>',
+        "user@evil.com",
+        "x" * 400,
+        "[::1",
+    ],
+    ids=["name", "name and port", "lookalike", "markup", "userinfo", "too long", "open bracket"],
 )
-async def test_openrpc_server_url_ignores_a_host_header_that_is_not_a_host(client, settings, host):
-    served = await (await client.http.get("/openrpc.json", headers={"Host": host})).json()
-    assert served["servers"][0]["url"] == f"http://{settings.host}:{settings.port}/rpc"
-    validate_openrpc(served)
+async def test_a_host_header_never_reaches_the_openrpc_document(client, host):
+    """A client-chosen Host must not become the server an SDK sends its bearer token to."""
+    own = str(client.http.make_url("/rpc"))
+    headers = {"Host": host}
+    _, discovered = await post_with_headers(client, "rpc.discover", headers)
+    served = await client.http.get("/openrpc.json", headers=headers)
+    assert discovered["result"]["servers"][0]["url"] == own
+    assert (await served.json())["servers"][0]["url"] == own
+    assert host not in (await served.text())
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
+async def test_a_wildcard_listen_address_names_the_address_the_call_arrived_on(
+    aiohttp_client, settings, wildcard
+):
+    everywhere = msgspec.structs.replace(settings, host=wildcard)
+    client = RpcClient(await aiohttp_client(create_app(everywhere)))  # listens on 127.0.0.1
+    own = str(client.http.make_url("/rpc"))
+    _, discovered = await post_with_headers(client, "rpc.discover", {"Host": "attacker.example"})
+    assert discovered["result"]["servers"][0]["url"] == own
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("0.0.0.0", "http://127.0.0.1:9000/rpc"),
+        ("::", "http://[::1]:9000/rpc"),
+        ("fl.internal", "http://fl.internal:9000/rpc"),
+        ("fe80::1%eth0", "http://[fe80::1]:9000/rpc"),
+    ],
+)
+def test_without_a_connection_the_server_url_is_the_configured_listen_address(host, url):
+    from fedrpc.openrpc import server_url
+    from fedrpc.settings import Settings
+
+    assert server_url(Settings(host=host, port=9000)) == url
+
+
+async def test_the_openrpc_document_is_not_stored_by_caches(client):
+    resp = await client.http.get("/openrpc.json")
+    assert resp.headers["Cache-Control"] == "no-store"
+
+
+async def post_with_headers(client: RpcClient, method: str, headers: dict[str, str]):
+    envelope = msgspec.json.encode({"jsonrpc": "2.0", "method": method, "id": 1})
+    resp = await client.http.post(
+        "/rpc", data=envelope, headers={"Content-Type": "application/json", **headers}
+    )
+    return resp, await resp.json()
 
 
 async def test_openrpc_server_url_comes_from_the_public_url_setting(aiohttp_client, settings):
@@ -328,9 +380,9 @@ async def test_openrpc_server_url_comes_from_the_public_url_setting(aiohttp_clie
 
 @pytest.mark.parametrize("value", ["/rpc", "fl.example.com", "ftp://x", "https://a b"])
 def test_a_public_url_that_is_not_absolute_http_is_refused_at_start(value):
-    from fedrpc.settings import settings_from_env
+    from fedrpc.settings import SettingsError, settings_from_env
 
-    with pytest.raises(msgspec.ValidationError, match="public_url"):
+    with pytest.raises(SettingsError, match="^FEDRPC_PUBLIC_URL="):
         settings_from_env({"FEDRPC_PUBLIC_URL": value})
 
 
