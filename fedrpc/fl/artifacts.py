@@ -25,7 +25,7 @@ import numpy as np
 from fedrpc.fl._dtypes import SUPPORTED_DTYPES, quote_name
 from fedrpc.fl._errors import InvalidInput
 from fedrpc.fl.onnx_models import OnnxModel, load_onnx, rename_batch_dim
-from fedrpc.fl.program_archive import load_program, save_program
+from fedrpc.fl.program_archive import TORCH_EXPORT_LOCK, load_program, save_program
 from fedrpc.fl.reweight import fill_template, make_onnx_template, reweight_program
 from fedrpc.fl.tensor_codecs import decode_state_dict, to_torch_state
 from fedrpc.fl.tensors import TensorSpec, check_finite, check_matches
@@ -272,7 +272,7 @@ def export_version(
         onnx_bytes = fill_template(onnx_template, torch_state)
         if _agrees(module, onnx_bytes, shape, batch_sizes):
             return ExportedVersion(save_program(program), onnx_bytes, "filled", onnx_template)
-    with _Quiet():
+    with _Quiet(), TORCH_EXPORT_LOCK:
         example = torch.zeros((batch_sizes[0], *shape[1:]), dtype=getattr(torch, dtype))
         batch = torch.export.Dim("batch", min=1)
         exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
 import zipfile
 from typing import Any
 
@@ -105,6 +106,13 @@ def _check_archive(data: bytes) -> None:
         raise _refuse("sample inputs are not plain tensors") from exc
 
 
+# torch.export's (de)serializer and exporter keep process-global state
+# (``_CURRENT_DESERIALIZER``): two threads loading programs at once fail with
+# "_CURRENT_DESERIALIZER is already set" (seen with two aggregations at once).
+# Every torch.export call of this package holds this lock.
+TORCH_EXPORT_LOCK = threading.RLock()
+
+
 def load_program(data: bytes) -> Any:
     """Load an ``ExportedProgram`` saved by ``torch.export.save``.
 
@@ -118,7 +126,8 @@ def load_program(data: bytes) -> Any:
 
     _check_archive(data)
     try:
-        return torch.export.load(io.BytesIO(data))
+        with TORCH_EXPORT_LOCK:
+            return torch.export.load(io.BytesIO(data))
     except Exception as exc:  # deserializer errors of every kind
         raise InvalidInput(
             "program_data cannot be loaded by torch.export.load (saved by another torch version?)"
@@ -130,5 +139,6 @@ def save_program(program: Any) -> bytes:
     import torch
 
     buffer = io.BytesIO()
-    torch.export.save(program, buffer)
+    with TORCH_EXPORT_LOCK:
+        torch.export.save(program, buffer)
     return buffer.getvalue()

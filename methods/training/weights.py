@@ -66,6 +66,7 @@ class _Target(msgspec.Struct):
     base_weights_key: str | None
     open: bool
     selected: bool
+    revoked: bool
     member: bool
     manifest: list[dict[str, Any]]
 
@@ -148,6 +149,8 @@ async def _find_target(ctx: Context, p: UploadParams) -> _Target:
 
 async def _open_target(ctx: Context, p: UploadParams) -> _Target:
     target = await _find_target(ctx, p)
+    if target.revoked:
+        raise Forbidden("this device has been revoked")
     if not target.selected:
         raise Forbidden("this device is not selected for the round")
     if not target.member:

@@ -324,3 +324,16 @@ def test_export_version_refuses_non_finite_weights(bundles):
 
     with pytest.raises(InvalidInput, match="'fc1.weight' contains NaN or infinite values"):
         export_version(bundles["mlp"].program, state)
+
+
+def test_programs_load_from_several_threads_at_once():
+    # torch.export.load keeps a process-global deserializer: without the package's lock two
+    # aggregations (two tenants) at once failed with "_CURRENT_DESERIALIZER is already set".
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedrpc.fl.program_archive import load_program
+
+    data = program_bytes(make_net("mlp", seed=1))
+    with ThreadPoolExecutor(4) as pool:
+        programs = list(pool.map(lambda _: load_program(data), range(16)))
+    assert len(programs) == 16

@@ -139,6 +139,58 @@ async def test_a_revoked_device_cannot_upload_to_a_round_it_was_selected_in(
     assert progress["received_count"] == 0
 
 
+async def test_a_revoked_device_cached_by_another_process_stores_no_update(
+    make_client, org, mlp_model
+):
+    # The other process still holds the device's principal for a minute: authentication
+    # lets the call through, the upload itself must not.
+    serving, other = await make_client(0.0), await make_client(60.0)
+    device = await register_device(serving, org.token)
+    params = {"model_id": mlp_model["id"], "base_version": 1, "target_device_count": 1}
+    rnd = await serving.ok("training.create_round", params, org.token)
+    await serving.ok("training.select_devices", {"round_id": rnd["id"]}, org.token)
+    rnd = await serving.ok("training.start_round", {"round_id": rnd["id"]}, org.token)
+    await other.ok("devices.sync", {}, device["token"])  # cached by the other process
+    await serving.ok("devices.revoke", {"device_id": device["device_id"]}, org.token)
+    weights = safetensors.numpy.save(
+        {name: np.zeros(shape, np.float32) for name, shape in MLP.items()}
+    )
+    upload = {
+        "round_id": rnd["id"],
+        "model_id": rnd["model_id"],
+        "version": rnd["base_version"],
+        "sample_count": 10,
+        "update_format": rnd["update_format"],
+        "weights": {"data": base64.b64encode(weights).decode()},
+    }
+    assert_error(await other.error("training.weights.upload", upload, device["token"]), "forbidden")
+    progress = await serving.ok("training.get_round_progress", {"round_id": rnd["id"]}, org.token)
+    assert progress["received_count"] == 0
+
+
+async def test_updates_of_a_device_revoked_before_aggregation_are_left_out(client, org, mlp_model):
+    devices = [await register_device(client, org.token) for _ in range(2)]
+    params = {"model_id": mlp_model["id"], "base_version": 1, "target_device_count": 2}
+    rnd = await client.ok("training.create_round", params, org.token)
+    await client.ok("training.select_devices", {"round_id": rnd["id"]}, org.token)
+    rnd = await client.ok("training.start_round", {"round_id": rnd["id"]}, org.token)
+    for i, device in enumerate(devices):
+        weights = {name: np.full(shape, i + 1, np.float32) for name, shape in MLP.items()}
+        upload = {
+            "round_id": rnd["id"],
+            "model_id": rnd["model_id"],
+            "version": 1,
+            "sample_count": 10,
+            "update_format": rnd["update_format"],
+            "weights": {"data": base64.b64encode(safetensors.numpy.save(weights)).decode()},
+        }
+        await client.ok("training.weights.upload", upload, device["token"])
+    # A compromised device is revoked after it uploaded: its update must not shape the model.
+    await client.ok("devices.revoke", {"device_id": devices[1]["device_id"]}, org.token)
+    version = await client.ok("training.aggregate", {"round_id": rnd["id"]}, org.token)
+    assert version["num_updates"] == 1
+
+
 async def test_an_org_may_not_revoke_another_orgs_device(client, org, other_org):
     theirs = await register_device(client, other_org.token)
     error = await client.error("devices.revoke", {"device_id": theirs["device_id"]}, org.token)

@@ -61,8 +61,8 @@ async def running_round(client, org, model, devices: list[dict], **extra) -> dic
     params = {
         "model_id": model["id"],
         "base_version": 1,
-        # At least 2: a federation's rounds need at least its min_round_updates (2 here).
-        "target_device_count": max(2, len(devices)),
+        # A federation's rounds need at least its min_round_updates (2 here).
+        "target_device_count": max(2 if "federation_id" in extra else 1, len(devices)),
         **extra,
     }
     rnd = await client.ok("training.create_round", params, org.token)

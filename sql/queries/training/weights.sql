@@ -5,6 +5,8 @@ SELECT r.id, r.model_id, r.base_version, r.state, r.update_format, r.deadline_at
        (r.state = 'running' AND now() < r.deadline_at) AS open,
        EXISTS (SELECT 1 FROM round_devices AS d
                WHERE d.round_id = r.id AND d.device_id = %(device_id)s) AS selected,
+       EXISTS (SELECT 1 FROM devices AS x
+               WHERE x.id = %(device_id)s AND x.revoked_at IS NOT NULL) AS revoked,
        CASE WHEN r.federation_id IS NULL THEN r.org_id = %(org_id)s
             ELSE EXISTS (SELECT 1 FROM federation_members AS m
                          WHERE m.federation_id = r.federation_id AND m.org_id = %(org_id)s
@@ -22,6 +24,8 @@ WITH open_round AS (
     SELECT r.id, r.model_id, r.base_version, r.update_format FROM training_rounds AS r
     WHERE r.id = %(round_id)s AND r.state = 'running' AND now() < r.deadline_at
       AND EXISTS (SELECT 1 FROM round_devices AS d WHERE d.round_id = r.id AND d.device_id = %(device_id)s)
+      -- A revoked device still cached as authenticated by another process stores nothing.
+      AND EXISTS (SELECT 1 FROM devices AS x WHERE x.id = %(device_id)s AND x.revoked_at IS NULL)
     FOR SHARE
 )
 INSERT INTO training_updates (id, round_id, device_id, org_id, model_id, version, sample_count, update_format,
