@@ -42,6 +42,19 @@ async def status_of(client, token: str, method: str = "devices.sync", params=Non
     return resp.status
 
 
+def upload_of(rnd: dict, value: float) -> dict:
+    """training.weights.upload params: a delta of the MLP with every value `value`."""
+    weights = {name: np.full(shape, value, np.float32) for name, shape in MLP.items()}
+    return {
+        "round_id": rnd["id"],
+        "model_id": rnd["model_id"],
+        "version": rnd["base_version"],
+        "sample_count": 10,
+        "update_format": rnd["update_format"],
+        "weights": {"data": base64.b64encode(safetensors.numpy.save(weights)).decode()},
+    }
+
+
 def assert_error(error: dict, type_: str) -> None:
     assert error["data"]["type"] == type_, error
 
@@ -122,18 +135,7 @@ async def test_a_revoked_device_cannot_upload_to_a_round_it_was_selected_in(
     offers = await cached.ok("devices.sync", {}, device["token"])
     assert [o["round_id"] for o in offers["desired_state"]["round_offers"]] == [rnd["id"]]
     await cached.ok("devices.revoke", {"device_id": device["device_id"]}, org.token)
-    weights = safetensors.numpy.save(
-        {name: np.zeros(shape, np.float32) for name, shape in MLP.items()}
-    )
-    upload = {
-        "round_id": rnd["id"],
-        "model_id": rnd["model_id"],
-        "version": rnd["base_version"],
-        "sample_count": 10,
-        "update_format": rnd["update_format"],
-        "encoding": "safetensors",
-        "weights": {"data": base64.b64encode(weights).decode()},
-    }
+    upload = upload_of(rnd, 0.0)
     assert await status_of(cached, device["token"], "training.weights.upload", upload) == 401
     progress = await cached.ok("training.get_round_progress", {"round_id": rnd["id"]}, org.token)
     assert progress["received_count"] == 0
@@ -152,17 +154,7 @@ async def test_a_revoked_device_cached_by_another_process_stores_no_update(
     rnd = await serving.ok("training.start_round", {"round_id": rnd["id"]}, org.token)
     await other.ok("devices.sync", {}, device["token"])  # cached by the other process
     await serving.ok("devices.revoke", {"device_id": device["device_id"]}, org.token)
-    weights = safetensors.numpy.save(
-        {name: np.zeros(shape, np.float32) for name, shape in MLP.items()}
-    )
-    upload = {
-        "round_id": rnd["id"],
-        "model_id": rnd["model_id"],
-        "version": rnd["base_version"],
-        "sample_count": 10,
-        "update_format": rnd["update_format"],
-        "weights": {"data": base64.b64encode(weights).decode()},
-    }
+    upload = upload_of(rnd, 0.0)
     assert_error(await other.error("training.weights.upload", upload, device["token"]), "forbidden")
     progress = await serving.ok("training.get_round_progress", {"round_id": rnd["id"]}, org.token)
     assert progress["received_count"] == 0
@@ -175,15 +167,7 @@ async def test_updates_of_a_device_revoked_before_aggregation_are_left_out(clien
     await client.ok("training.select_devices", {"round_id": rnd["id"]}, org.token)
     rnd = await client.ok("training.start_round", {"round_id": rnd["id"]}, org.token)
     for i, device in enumerate(devices):
-        weights = {name: np.full(shape, i + 1, np.float32) for name, shape in MLP.items()}
-        upload = {
-            "round_id": rnd["id"],
-            "model_id": rnd["model_id"],
-            "version": 1,
-            "sample_count": 10,
-            "update_format": rnd["update_format"],
-            "weights": {"data": base64.b64encode(safetensors.numpy.save(weights)).decode()},
-        }
+        upload = upload_of(rnd, i + 1.0)
         await client.ok("training.weights.upload", upload, device["token"])
     # A compromised device is revoked after it uploaded: its update must not shape the model.
     await client.ok("devices.revoke", {"device_id": devices[1]["device_id"]}, org.token)
