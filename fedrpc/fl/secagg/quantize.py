@@ -1,0 +1,206 @@
+"""Quantization for SecAgg+: float updates to integers modulo 2^b and back.
+
+Masking works on integers modulo ``M = 2^b`` (Bonawitz et al. 2017, §3), so a
+device clips its update to ``[-c, c]``, maps it onto ``L = 2^q - 1`` levels
+with unbiased stochastic rounding, multiplies by its capped integer weight
+``w`` and appends ``w`` as one more element; the server then learns only the
+weighted sum and the total weight. The sum of ``n`` devices must not wrap:
+``n * L * W <= 2^b - 1``; :func:`make_spec` picks the smallest ``b`` in
+{32, 64} that holds or refuses, never wrapping silently. See
+``docs/secagg.md`` ("Quantization").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedrpc.fl._errors import InvalidInput
+from fedrpc.fl.secagg.prg import word_dtype
+
+__all__ = [
+    "MODULUS_BITS",
+    "QuantSpec",
+    "capped_weight",
+    "choose_modulus_bits",
+    "dequantize",
+    "error_bound",
+    "make_spec",
+    "quantize",
+]
+
+#: Supported modulus bit widths, smallest first.
+MODULUS_BITS = (32, 64)
+
+
+def _positive_int(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise InvalidInput(f"{what} must be a positive integer")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Quantization and modulus of one session.
+
+    Attributes
+    ----------
+    clip
+        Clipping bound ``c``: each element is clamped to ``[-c, c]``.
+    bits
+        Quantization bits ``q`` (1..32): ``L = 2^q - 1`` levels above zero.
+    max_weight
+        Cap ``W`` on a device's integer weight (its sample count).
+    modulus_bits
+        ``b``: vectors are summed modulo ``2^b`` (32 or 64).
+    """
+
+    clip: float
+    bits: int
+    max_weight: int
+    modulus_bits: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.clip, int | float) and math.isfinite(self.clip) and self.clip > 0):
+            raise InvalidInput("clipping bound must be a positive finite number")
+        if _positive_int(self.bits, "quantization bits") > 32:
+            raise InvalidInput("quantization bits must be in 1..32")
+        _positive_int(self.max_weight, "maximum weight")
+        word_dtype(self.modulus_bits)
+        if self.capacity(1) > 2**self.modulus_bits - 1:
+            raise InvalidInput("one device's levels x maximum weight overflow the modulus")
+
+    @property
+    def levels(self) -> int:
+        """``L = 2^q - 1``."""
+        return 2**self.bits - 1
+
+    @property
+    def step(self) -> float:
+        """One quantization step in update units, ``2c / L``."""
+        return 2.0 * self.clip / self.levels
+
+    @property
+    def dtype(self) -> np.dtype:
+        """``uint32`` or ``uint64``, little-endian."""
+        return word_dtype(self.modulus_bits)
+
+    def capacity(self, devices: int) -> int:
+        """Largest possible sum of ``devices`` vectors' elements: ``n * L * W``."""
+        return _positive_int(devices, "device count") * self.levels * self.max_weight
+
+
+def choose_modulus_bits(devices: int, bits: int, max_weight: int) -> int:
+    """Smallest ``b`` in {32, 64} with ``devices * (2^bits - 1) * max_weight <= 2^b - 1``.
+
+    Refuses when even 64 bits cannot hold the sum.
+    """
+    need = (
+        _positive_int(devices, "device count")
+        * (2 ** _positive_int(bits, "quantization bits") - 1)
+        * _positive_int(max_weight, "maximum weight")
+    )
+    for b in MODULUS_BITS:
+        if need <= 2**b - 1:
+            return b
+    raise InvalidInput(
+        f"{devices} devices x {2**bits - 1} levels x weight {max_weight} do not fit a 64-bit "
+        "modulus; lower the quantization bits or the maximum weight"
+    )
+
+
+def make_spec(
+    devices: int, clip: float, bits: int, max_weight: int, modulus_bits: int | None = None
+) -> QuantSpec:
+    """The session's :class:`QuantSpec` for at most ``devices`` contributors.
+
+    ``modulus_bits=None`` picks :func:`choose_modulus_bits`; an explicit width
+    that cannot hold ``devices * L * W`` is refused, never wrapped.
+    """
+    if modulus_bits is None:
+        modulus_bits = choose_modulus_bits(devices, bits, max_weight)
+    spec = QuantSpec(
+        clip=float(clip), bits=int(bits), max_weight=int(max_weight), modulus_bits=modulus_bits
+    )
+    if spec.capacity(devices) > 2**modulus_bits - 1:
+        raise InvalidInput(
+            f"{devices} devices x {spec.levels} levels x weight {max_weight} overflow a "
+            f"{modulus_bits}-bit modulus"
+        )
+    return spec
+
+
+def capped_weight(samples: int, spec: QuantSpec) -> int:
+    """A device's weight: its sample count capped at ``spec.max_weight``."""
+    if isinstance(samples, bool) or not isinstance(samples, int | np.integer) or samples < 0:
+        raise InvalidInput("sample count must be a non-negative integer")
+    return min(int(samples), spec.max_weight)
+
+
+def quantize(
+    update: np.ndarray, weight: int, spec: QuantSpec, rng: np.random.Generator | None
+) -> np.ndarray:
+    """The device's vector ``(w*q_1, ..., w*q_d, w)`` before masking.
+
+    Parameters
+    ----------
+    update
+        The update, any float shape (flattened in C order); non-finite values
+        are refused.
+    weight
+        Capped weight ``w`` in ``0..spec.max_weight`` (see :func:`capped_weight`).
+    rng
+        The device's generator for stochastic rounding (unbiased); ``None``
+        rounds to nearest, for tests and known answers.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``d + 1`` words of ``spec.dtype``.
+    """
+    if isinstance(weight, bool) or not isinstance(weight, int | np.integer):
+        raise InvalidInput("weight must be an integer")
+    if not 0 <= weight <= spec.max_weight:
+        raise InvalidInput(f"weight must be in 0..{spec.max_weight}")
+    x = np.asarray(update, dtype=np.float64).reshape(-1)
+    if not np.isfinite(x).all():
+        raise InvalidInput("update has NaN or infinite values")
+    u = (np.clip(x, -spec.clip, spec.clip) + spec.clip) * (spec.levels / (2.0 * spec.clip))
+    if rng is None:
+        q = np.floor(u + 0.5)
+    else:
+        q = np.floor(u)
+        q += rng.random(u.shape[0]) < (u - q)
+    np.clip(q, 0, spec.levels, out=q)
+    out = np.empty(x.shape[0] + 1, dtype=spec.dtype)
+    np.multiply(q.astype(spec.dtype), spec.dtype.type(weight), out=out[:-1])
+    out[-1] = weight
+    return out
+
+
+def dequantize(total: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, int]:
+    """Weighted mean (float64) and total weight from the unmasked sum of vectors.
+
+    ``mean = S / T * (2c / L) - c`` with ``T`` the last element; refuses ``T = 0``.
+    """
+    total = np.asarray(total)
+    if total.ndim != 1 or total.shape[0] < 1 or total.dtype != spec.dtype:
+        raise InvalidInput(f"the sum must be a 1-d {spec.dtype} vector with the weight last")
+    weight = int(total[-1])
+    if weight == 0:
+        raise InvalidInput("total weight is zero")
+    mean = total[:-1].astype(np.float64)
+    mean *= spec.step / weight
+    mean -= spec.clip
+    return mean, weight
+
+
+def error_bound(spec: QuantSpec, stochastic: bool = True) -> float:
+    """Per-element bound on ``|dequantized mean - weighted mean of clipped updates|``.
+
+    Each device's rounding error is below one step (stochastic) or at most half
+    a step (nearest); a weighted mean of such errors is bounded the same way.
+    """
+    return spec.step if stochastic else spec.step / 2
