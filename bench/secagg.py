@@ -47,14 +47,10 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"  # before numpy loads its BLAS: one thread for everyone
 
-import importlib  # noqa: E402
-import logging  # noqa: E402
-import random  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Iterable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
@@ -65,242 +61,24 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # _report, and fedrpc without an install
 
 from _report import table, write_section  # noqa: E402
-
-K, T, DROPOUTS = 11, 6, 2
-#: (devices, parameters, repetitions): fewer repetitions for the 1M cases.
-CASES = ((10, 100_000, 7), (10, 1_000_000, 5), (50, 100_000, 5), (50, 1_000_000, 4))
-LARGE = (1_000, 100_000, 1)  # ours only
-CLIPPING, LEVELS, MODULUS, MAX_WEIGHT = 8.0, 1 << 22, 1 << 32, 1000.0
-UNMASK_GOAL, MASK_GOAL, BYTES_GOAL = 10.0, 3.0, 4.0
-E2E_NOTE = "not measured yet: the training.secagg.* server methods come next"
-
-
-@dataclass
-class Round:
-    """What one run of the protocol measured."""
-
-    mask: list[float]  # seconds of stage-2 masking, one per surviving device
-    unmask: float  # seconds of the server's unmask work
-    wire: float  # bytes of one device's stage-2 upload per masked element (d + 1)
-    payload: float  # the masked vector's own bytes per masked element
-    error: float  # max abs difference from the float64 weighted mean of the survivors
-    total: float  # seconds of the whole protocol, every device run one after another
-
-
-def neighbours(n: int) -> int:
-    return min(K, n - 1)
-
-
-def generate(n: int, d: int, seed: int) -> tuple[list[np.ndarray], list[int], list[int]]:
-    """Updates, sample counts and the indices of the devices that drop after stage 1."""
-    rng = np.random.default_rng(seed)
-    vectors = [rng.standard_normal(d, dtype=np.float32) * np.float32(0.1) for _ in range(n)]
-    weights = [int(w) for w in rng.integers(10, int(MAX_WEIGHT), size=n)]
-    dropped = sorted(int(i) for i in rng.choice(n, size=DROPOUTS, replace=False))
-    return vectors, weights, dropped
-
-
-def reference(vectors: list[np.ndarray], weights: list[int], dropped: list[int]) -> np.ndarray:
-    """The float64 weighted mean of the survivors' updates."""
-    alive = [i for i in range(len(vectors)) if i not in dropped]
-    total = sum(weights[i] for i in alive)
-    return sum(weights[i] * vectors[i].astype(np.float64) for i in alive) / total
-
-
-# --- Flower ---------------------------------------------------------------------------------
-
-try:
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
-    from flwr.common import (
-        Code,
-        FitIns,
-        FitRes,
-        Status,
-        ndarrays_to_parameters,
-        parameters_to_ndarrays,
-    )
-    from flwr.common.secure_aggregation.secaggplus_constants import (
-        RECORD_KEY_CONFIGS,
-        Key,
-        Stage,
-    )
-    from flwr.common.serde import message_from_proto, message_to_proto
-    from flwr.compat.common import recorddict_compat as compat
-    from flwr.proto.message_pb2 import Message as ProtoMessage
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
-    from flwr.server.workflow.constant import Key as WorkflowKey
-    from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
-    from flwr.serverapp.grid import Grid
-    from flwr.supercore.task_identity import TaskIdentity
-
-    # The package re-exports the function under the module's name: fetch the module itself.
-    FLOWER_MOD = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
-    FLOWER = True
-except ImportError:  # pragma: no cover - reported in the output
-    FLOWER = False
-    Grid = object  # type: ignore[assignment,misc]
-
-MASK_TIMES: list[float] = []
-
-
-def _flower_setup() -> None:
-    """Quiet Flower's logs, give this process a task identity, time the devices' masking."""
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    masking = FLOWER_MOD._collect_masked_vectors
-
-    def timed_masking(*args, **kwargs):
-        started = time.perf_counter()
-        out = masking(*args, **kwargs)
-        MASK_TIMES.append(time.perf_counter() - started)
-        return out
-
-    FLOWER_MOD._collect_masked_vectors = timed_masking
-
-
-def _wire(message: Message) -> bytes:
-    return message_to_proto(message).SerializeToString()
-
-
-def _unwire(data: bytes) -> Message:
-    return message_from_proto(ProtoMessage.FromString(data))
-
-
-class _Proxy:
-    def __init__(self, node_id: int) -> None:
-        self.node_id = node_id
-
-
-class _KeepResult:
-    """A strategy that samples every node and keeps the unmasked parameters as they are."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-        self.parameters = None
-
-    def configure_fit(self, server_round, parameters, client_manager):
-        return [(_Proxy(nid), FitIns(parameters, {})) for nid in self.node_ids]
-
-    def aggregate_fit(self, server_round, results, failures):
-        self.parameters = results[0][1].parameters
-        return None, {}
-
-
-class _InProcessGrid(Grid):
-    """Delivers each message to a device's ``secaggplus_mod`` through Flower's wire encoding."""
-
-    def __init__(self, updates: dict[int, np.ndarray], weights: dict[int, int], dropped: set[int]):
-        self.updates, self.weights, self.dropped = updates, weights, dropped
-        self.contexts = {nid: Context(1, nid, {}, RecordDict(), {}) for nid in updates}
-        self.device_seconds = 0.0
-        self.uploads: dict[int, tuple[int, int]] = {}
-
-    def set_run(self, run) -> None:
-        pass
-
-    @property
-    def run(self):
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.updates)
-
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        started = time.perf_counter()
-        replies = []
-        for sent in messages:
-            msg = _unwire(_wire(sent))
-            nid = msg.metadata.dst_node_id
-            stage = msg.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
-            if nid in self.dropped and stage in (Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK):
-                continue  # dropped after stage 1: no reply
-            reply = FLOWER_MOD.secaggplus_mod(msg, self.contexts[nid], self._fit)
-            data = _wire(reply)
-            if stage == Stage.COLLECT_MASKED_VECTORS:
-                arrays = reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
-                self.uploads[nid] = (len(data), sum(len(a) for a in arrays))
-            replies.append(_unwire(data))
-        self.device_seconds += time.perf_counter() - started
-        return replies
-
-    def _fit(self, msg: Message, context: Context) -> Message:
-        """The device's training step: its update and sample count as a FitRes."""
-        nid = context.node_id
-        res = FitRes(
-            Status(Code.OK, ""), ndarrays_to_parameters([self.updates[nid]]), self.weights[nid], {}
-        )
-        return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
-
-
-def flower_round(
-    vectors: list[np.ndarray], weights: list[int], dropped: list[int], seed: int
-) -> Round:
-    """One SecAgg+ round through Flower's workflow stages and device mod."""
-    random.seed(seed)  # the workflow shuffles its ring with `random`
-    np.random.seed(seed)  # and quantizes with numpy's global generator
-    n = len(vectors)
-    node_ids = list(range(1, n + 1))
-    grid = _InProcessGrid(
-        dict(zip(node_ids, vectors, strict=True)),
-        dict(zip(node_ids, weights, strict=True)),
-        {node_ids[i] for i in dropped},
-    )
-    strategy = _KeepResult(node_ids)
-    context = LegacyContext(Context(1, 0, {}, RecordDict(), {}), strategy=strategy)
-    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
-    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        ndarrays_to_parameters([np.zeros(1, np.float32)]), keep_input=True
-    )
-    workflow = SecAggPlusWorkflow(
-        n if n < 12 else K,  # num_shares counts the device itself
-        T,
-        max_weight=MAX_WEIGHT,
-        clipping_range=CLIPPING,
-        quantization_range=LEVELS,
-        modulus_range=MODULUS,
-    )
-    state = WorkflowState()
-    MASK_TIMES.clear()
-    started = time.perf_counter()
-    for stage in (workflow.setup_stage, workflow.share_keys_stage):
-        if not stage(grid, context, state):
-            raise AssertionError(f"Flower's {stage.__name__} failed")
-    if not workflow.collect_masked_vectors_stage(grid, context, state):
-        raise AssertionError("Flower's collect_masked_vectors_stage failed")
-    devices_before = grid.device_seconds
-    unmask_started = time.perf_counter()
-    if not workflow.unmask_stage(grid, context, state):
-        raise AssertionError("Flower's unmask_stage failed")
-    unmask = time.perf_counter() - unmask_started - (grid.device_seconds - devices_before)
-    total = time.perf_counter() - started
-    result = parameters_to_ndarrays(strategy.parameters)[0]
-    error = float(np.max(np.abs(result - reference(vectors, weights, dropped))))
-    # one quantization step of the weight-scaled update, over the smallest weight fraction
-    bound = 2 * CLIPPING / LEVELS * MAX_WEIGHT / min(weights)
-    if not error <= 2 * bound:
-        raise AssertionError(f"Flower's mean is off by {error:.2e} (bound {bound:.2e})")
-    d = vectors[0].size
-    upload, payload = next(iter(grid.uploads.values()))
-    return Round(
-        mask=list(MASK_TIMES),
-        unmask=unmask,
-        wire=upload / (d + 1),  # d parameters and the weight, as for ours
-        payload=payload / (d + 1),
-        error=error,
-        total=total,
-    )
-
+from _secagg_common import (  # noqa: E402
+    BYTES_GOAL,
+    CASES,
+    CLIPPING,
+    DROPOUTS,
+    E2E_NOTE,
+    LARGE,
+    MASK_GOAL,
+    MAX_WEIGHT,
+    UNMASK_GOAL,
+    K,
+    Round,
+    T,
+    generate,
+    neighbours,
+    reference,
+)
+from _secagg_flower import FLOWER, _flower_setup, flower_round  # noqa: E402
 
 # --- ours -----------------------------------------------------------------------------------
 
