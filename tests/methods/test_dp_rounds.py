@@ -66,19 +66,20 @@ def dp_round_params(model, fed, **extra) -> dict:
 
 
 async def poisson_round(client, owner, member, model, fed) -> tuple[dict, list[str], int]:
-    """A DP round whose Poisson draw selected at least two devices (else drawn again, in a new
-    round: every draw is charged). Its selected devices (each organization reads its own) and
-    how many draws it took."""
+    """A DP round whose Poisson draw selected at least two devices of each organization (so its
+    result can mix the federation's min_round_updates = 2 updates that neither organization sent
+    alone; else drawn again, in a new round: every draw is charged). Its selected devices (each
+    organization reads its own) and how many draws it took."""
     for draws in range(1, 21):
         rnd = await client.ok("training.create_round", dp_round_params(model, fed), owner.token)
         body = await client.call("training.select_devices", {"round_id": rnd["id"]}, owner.token)
         if "result" in body:
             theirs = await client.ok("training.get_round", {"round_id": rnd["id"]}, member.token)
-            selected = body["result"]["selected"] + theirs["selected_devices"]
-            if len(selected) >= 2:
-                return rnd, selected, draws
+            mine = body["result"]["selected"]
+            if min(len(mine), len(theirs["selected_devices"])) >= 2:
+                return rnd, mine + theirs["selected_devices"], draws
             await client.ok("training.cancel_round", {"round_id": rnd["id"]}, owner.token)
-    raise AssertionError("twenty Poisson draws at q = 0.75 all selected fewer than two devices")
+    raise AssertionError("twenty Poisson draws at q = 0.75 all left an organization with < 2")
 
 
 def composed_epsilon(noise_multiplier: float, q: float, rounds: int, delta: float) -> float:
