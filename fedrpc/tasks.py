@@ -49,6 +49,8 @@ class DueRound(msgspec.Struct):
     attempts: int
     secure_aggregation: bool
     past_deadline: bool
+    secagg_stage: str | None = None
+    secagg_failure: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +83,7 @@ async def aggregate_due_rounds(services: Services) -> None:
             # Earlier attempts never settled: their worker died (a round that crashes it).
             await _settle(services, rnd, Outcome("fail", "automatic aggregation never finished"))
             continue
-        if rnd.secure_aggregation:
+        if rnd.secure_aggregation and rnd.secagg_stage != "completed":
             await _settle(services, rnd, secure_aggregation_outcome(rnd))
             continue
         try:
@@ -91,13 +93,15 @@ async def aggregate_due_rounds(services: Services) -> None:
 
 
 def secure_aggregation_outcome(rnd: DueRound) -> Outcome:
-    """The rule for a due secure-aggregation round.
+    """The rule for a due secure-aggregation round whose session has not completed.
 
-    Its result can only come from its SecAgg+ session, which no stage hands over
-    yet: once its deadline passed it fails with the reason; before that it waits
-    for the deadline. The SecAgg+ issue refines this rule (aggregate a finished
-    session, give an unmasking session its own time) and nothing else.
+    Its result can only come from its SecAgg+ session (a completed one is
+    aggregated like any round): a failed session fails the round with its
+    reason; otherwise, once the deadline passed, the round fails; before that
+    it waits for the deadline.
     """
+    if rnd.secagg_stage == "failed":
+        return Outcome("fail", f"its SecAgg+ session failed: {rnd.secagg_failure}")
     if rnd.past_deadline:
         return Outcome("fail", SECAGG_NO_RESULT)
     return Outcome("wait", "waiting for its SecAgg+ session")

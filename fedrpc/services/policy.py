@@ -203,6 +203,8 @@ async def federation_for_model(
 def round_min_updates(p: CreateRoundParams, federation: Federation | None) -> int:
     """The fewest updates a new round aggregates: what the caller asks, at least what its
     federation demands, and never more than it selects."""
+    if p.secure_aggregation is not None:
+        check_secure_strategy(p.strategy.name)
     if federation is None:
         if p.differential_privacy is not None:
             raise BadRequest(
@@ -239,6 +241,40 @@ def check_federation_round(federation: Federation, *, strategy: str, private: bo
             f"{strategy} can return a single client's update; in a federation it needs "
             "differential privacy, which only the FedAvg family supports",
             field="strategy",
+        )
+
+
+def check_secure_strategy(strategy: str) -> None:
+    """A secure-aggregation round yields only the weighted sum of its updates: the FedAvg
+    family combines that; robust strategies need every update on its own."""
+    if strategy in ROBUST:
+        raise BadRequest(
+            f"{strategy} needs each update on its own; a secure_aggregation round gives only "
+            "their weighted sum, so it runs the FedAvg family only",
+            field="strategy",
+        )
+
+
+def check_secagg_device(
+    *, secure: bool, state: str, selected: bool, revoked: bool, member: bool
+) -> None:
+    """A device takes part in a round's SecAgg+ session only as a selected, unrevoked device of
+    an active member, in a running round that has secure_aggregation."""
+    if revoked:
+        raise Forbidden("this device has been revoked")
+    if not selected:
+        raise Forbidden("this device is not selected for the round")
+    if not member:
+        raise Forbidden(
+            "the device's organization is not an active member of the round's federation"
+        )
+    if not secure:
+        raise PreconditionFailed("the round has no secure_aggregation", state=state)
+    if state != "running":
+        raise PreconditionFailed(
+            f"the round is {state}; SecAgg+ stages need it running",
+            state=state,
+            allowed=["running"],
         )
 
 

@@ -33,7 +33,12 @@ from fedrpc.fl import InvalidInput
 from fedrpc.fl.aggregate import check_strategy
 from fedrpc.fl.metrics import version_metrics
 from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, manifest_from_json
-from fedrpc.services.policy import check_federation_round, check_round_mix
+from fedrpc.services.policy import (
+    check_federation_round,
+    check_round_mix,
+    check_secure_strategy,
+)
+from fedrpc.services.secagg_session import session_result
 from fedrpc.services.selection import poisson_selected
 from fedrpc.services.update_loop import RoundFailed, UpdateRow, cap_sample_counts, compute
 from fedrpc.services.version_artifacts import encode_weights, export_graphs
@@ -103,11 +108,17 @@ async def aggregate_round(
     rnd = await db.get(
         "training.aggregate.get_round", Round, round_id=round_id, missing="no round with this id"
     )
-    if rnd.secagg_config is not None:
-        raise PreconditionFailed(
-            "a secure-aggregation round is aggregated by its SecAgg+ session", state=rnd.state
-        )
     name = strategy or rnd.strategy
+    secure = None
+    if rnd.secagg_config is not None:
+        # The completed SecAgg+ session's weighted average is the round's one input.
+        check_secure_strategy(name)
+        if rnd.dp_config is not None:
+            raise PreconditionFailed(
+                "central differential privacy on a secure-aggregation round is not supported yet",
+                state=rnd.state,
+            )
+        secure = await session_result(db, rnd.id, rnd.state)
     federation = None
     if rnd.federation_id is not None:
         federation = await db.get(
@@ -122,12 +133,16 @@ async def aggregate_round(
         )
     except InvalidInput as exc:
         raise BadRequest(str(exc)) from None
-    rows = cap_sample_counts(
-        await db.all("training.aggregate.list_round_updates", UpdateRow, round_id=round_id),
-        rnd.max_sample_count,
-    )
+    if secure is None:
+        rows = cap_sample_counts(
+            await db.all("training.aggregate.list_round_updates", UpdateRow, round_id=round_id),
+            rnd.max_sample_count,
+        )
+        count = len(rows)
+    else:
+        rows, count = [secure[0]], secure[1].survivors
     needed = min_updates or rnd.min_updates
-    if len(rows) < needed:
+    if count < needed:
         if rnd.dp_config is not None:  # a private round's update count is not published
             raise PreconditionFailed(
                 f"the round has fewer updates than the {needed} it needs",
@@ -135,22 +150,27 @@ async def aggregate_round(
                 min_updates=needed,
             )
         raise PreconditionFailed(
-            f"the round has {len(rows)} updates and needs {needed}",
+            f"the round has {count} updates and needs {needed}",
             state=rnd.state,
-            received=len(rows),
+            received=count,
             min_updates=needed,
         )
     if federation is not None:
         # The federation's floor holds whatever min_updates the caller asked for.
-        mix = await db.get(
-            "training.get_round_mix", _Mix, round_id=rnd.id, update_ids=[r.id for r in rows]
-        )
+        if secure is None:
+            mix = await db.get(
+                "training.get_round_mix", _Mix, round_id=rnd.id, update_ids=[r.id for r in rows]
+            )
+        else:
+            mix = _Mix(secure[1].survivor_orgs, secure[1].participant_orgs)
         check_round_mix(
             federation, mix.update_orgs, mix.selected_orgs, private=rnd.dp_config is not None
         )
     await _claim(db, round_id)
     try:
-        return await _aggregate_claimed(db, storage, rnd, name, full_params, rows, publish)
+        return await _aggregate_claimed(
+            db, storage, rnd, name, full_params, rows, publish, num_updates=count
+        )
     except (RoundFailed, NotFound) as exc:
         # These will not pass by retrying: the round fails with the reason.
         await db.run(
@@ -180,6 +200,8 @@ async def _aggregate_claimed(
     params: dict,
     rows: list[UpdateRow],
     publish: bool,
+    *,
+    num_updates: int,
 ) -> ModelVersion:
     base = await db.get(
         "training.aggregate.find_base_artifacts",
@@ -251,7 +273,7 @@ async def _aggregate_claimed(
             parent_version=rnd.base_version,
             round_id=rnd.id,
             strategy=strategy,
-            num_updates=0 if private else len(rows),
+            num_updates=0 if private else num_updates,
             total_samples=0 if private else sum(r.sample_count for r in rows),
             metrics=metrics,
             published=publish,

@@ -63,10 +63,23 @@ class DpConfig(Params, kw_only=True):
 
 
 class SecAggConfig(Params, kw_only=True):
-    """SecAgg+ parameters (the protocol itself is a later issue)."""
+    """SecAgg+ parameters (docs/secagg.md); k defaults from the cohort size."""
 
     threshold: Annotated[int, Meta(ge=2)]
     neighbours: Annotated[int, Meta(ge=2)] | None = None
+    stage_seconds: Annotated[
+        int, Meta(ge=1, le=86400, description="Deadline of each SecAgg+ stage.")
+    ] = 300
+    min_survivors: (
+        Annotated[
+            int, Meta(ge=3, description="Fewest devices a stage may end with (default max(3, t)).")
+        ]
+        | None
+    ) = None
+    clip: Annotated[
+        float, Meta(gt=0, le=1e6, description="Each update value is clipped to [-clip, clip].")
+    ] = 1.0
+    quantization_bits: Annotated[int, Meta(ge=1, le=32)] = 16
 
 
 class CreateRoundParams(MutatingParams, kw_only=True):

@@ -213,6 +213,9 @@ def _round_made(w: Walk) -> str:
 
 # In call order: reads first, then the mutating methods on objects made for the walk, then
 # the calls that end a credential. One method may be called with several params.
+_B64_KEY_1, _B64_KEY_2 = "AQ" * 21 + "A=", "Ag" * 21 + "A="  # 32 bytes each
+_SID = "sag_" + "0" * 32
+
 WALK: list[tuple[str, Params]] = [
     ("rpc.discover", lambda w: {}),
     ("system.ping", lambda w: {}),
@@ -322,6 +325,29 @@ WALK: list[tuple[str, Params]] = [
     ("training.select_devices", lambda w: {"round_id": _round_made(w)}),
     ("training.start_round", lambda w: {"round_id": _round_made(w)}),
     ("training.cancel_round", lambda w: {"round_id": _round_made(w), "reason": "walked"}),
+    # SecAgg+ on a round without secure_aggregation: refused before anything is stored
+    # (tests/methods/test_secagg.py searches a real session's answers for device ids).
+    (
+        "training.secagg.setup",
+        lambda w: {"round_id": w.world.mixed_round["id"], "pk1": _B64_KEY_1, "pk2": _B64_KEY_2},
+    ),
+    (
+        "training.secagg.share_keys",
+        lambda w: {"round_id": w.world.mixed_round["id"], "session_id": _SID, "ciphertexts": []},
+    ),
+    (
+        "training.secagg.masked_vectors",
+        lambda w: {
+            "round_id": w.world.mixed_round["id"],
+            "session_id": _SID,
+            "masked_vector": "AAAAAAAAAAA=",
+        },
+    ),
+    (
+        "training.secagg.unmask",
+        lambda w: {"round_id": w.world.mixed_round["id"], "session_id": _SID, "shares": []},
+    ),
+    ("training.secagg.status", lambda w: {"round_id": w.world.mixed_round["id"]}),
     ("training.aggregate", lambda w: {"round_id": w.world.mixed_round["id"]}),
     ("training.get_round", lambda w: {"round_id": w.world.mixed_round["id"]}),
     (

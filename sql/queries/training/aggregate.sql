@@ -74,7 +74,9 @@ WITH due AS (
     CROSS JOIN LATERAL (SELECT count(*) AS n FROM round_devices AS d WHERE d.round_id = r.id) AS sel
     WHERE r.auto_aggregate AND r.state IN ('running', 'aggregating')
       AND (r.next_aggregation_at IS NULL OR r.next_aggregation_at <= now())
-      AND ((r.state = 'running' AND (r.deadline_at <= now() OR (sel.n > 0 AND up.n >= sel.n)))
+      AND ((r.state = 'running' AND (r.deadline_at <= now() OR (sel.n > 0 AND up.n >= sel.n)
+                                     OR EXISTS (SELECT 1 FROM secagg_sessions AS s WHERE s.round_id = r.id
+                                                AND s.stage IN ('completed', 'failed'))))
            OR (r.state = 'aggregating'
                AND r.aggregation_started_at < now() - make_interval(secs => %(lease_seconds)s)))
 ), chosen AS (
@@ -90,8 +92,9 @@ WITH due AS (
     RETURNING r.id, r.org_id, r.aggregation_attempts AS attempts,
               r.secagg_config IS NOT NULL AS secure_aggregation, r.deadline_at <= now() AS past_deadline
 )
-SELECT claimed.id, claimed.org_id, claimed.attempts, claimed.secure_aggregation, claimed.past_deadline
-FROM claimed JOIN chosen USING (id)
+SELECT claimed.id, claimed.org_id, claimed.attempts, claimed.secure_aggregation, claimed.past_deadline,
+       s.stage AS secagg_stage, s.failure_reason AS secagg_failure
+FROM claimed JOIN chosen USING (id) LEFT JOIN secagg_sessions AS s ON s.round_id = claimed.id
 ORDER BY chosen.turn, chosen.due_at, chosen.id;
 
 -- name: get_round

@@ -1,0 +1,1 @@
+"""The Python SDK: device-side protocol clients."""

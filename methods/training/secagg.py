@@ -1,0 +1,81 @@
+"""training.secagg.*: the SecAgg+ stages a device calls (0-3) and the session's status.
+
+The rules live in fedrpc/services/secagg_stages.py and secagg_session.py
+(docs/secagg.md); these handlers only name the caller.
+"""
+
+from __future__ import annotations
+
+from fedrpc.context import Context
+from fedrpc.registry import DEVICE, ORG, rpc_method
+from fedrpc.services import secagg_stages
+from fedrpc.services.policy import round_for_reading
+from schemas.training.secagg import (
+    MaskedVectorsParams,
+    MaskedVectorsResult,
+    SetupParams,
+    SetupResult,
+    ShareKeysParams,
+    ShareKeysResult,
+    Status,
+    StatusParams,
+    UnmaskParams,
+    UnmaskResult,
+)
+
+
+@rpc_method(DEVICE)
+async def setup(ctx: Context, p: SetupParams) -> SetupResult:
+    """Register the device's keys; once stage 0 closes, answer its index and neighbours.
+
+    The first call starts the round's session. Refusals: a device not selected
+    for the round `forbidden`; a round without secure_aggregation or not running
+    `precondition_failed`; `pk1 == pk2` or a key another device advertised
+    `bad_request`; other keys on a replay `conflict`; stage 0 closed
+    `precondition_failed` with `data.stage`. Replays answer again, with the
+    neighbours once stage 0 closed (devices poll this way).
+    """
+    return await secagg_stages.setup(
+        ctx.db, ctx.storage, p.round_id, ctx.device_id, ctx.org_id, p.pk1, p.pk2
+    )
+
+
+@rpc_method(DEVICE)
+async def share_keys(ctx: Context, p: ShareKeysParams) -> ShareKeysResult:
+    """Store one 160-byte bundle per neighbour; once stage 1 closes, forward those addressed to it.
+
+    `bad_request` for another session's id or a bundle set that is not one per
+    neighbour; `precondition_failed` out of stage; other bundles on a replay `conflict`.
+    """
+    return await secagg_stages.share_keys(
+        ctx.db, ctx.storage, p.round_id, ctx.device_id, ctx.org_id, p.session_id, p.ciphertexts
+    )
+
+
+@rpc_method(DEVICE)
+async def masked_vectors(ctx: Context, p: MaskedVectorsParams) -> MaskedVectorsResult:
+    """Accept the masked vector; once stage 2 closes, answer the unmask request.
+
+    The vector is exactly `(d + 1) * b / 8` bytes (`bad_request` otherwise).
+    """
+    return await secagg_stages.masked_vectors(
+        ctx.db, ctx.storage, p.round_id, ctx.device_id, ctx.org_id, p.session_id, p.masked_vector
+    )
+
+
+@rpc_method(DEVICE)
+async def unmask(ctx: Context, p: UnmaskParams) -> UnmaskResult:
+    """Store the shares asked for; reconstruct, unmask and store the average once t shares exist.
+
+    Shares not asked for, twice for one device, or not field elements are `bad_request`.
+    """
+    return await secagg_stages.unmask(
+        ctx.db, ctx.storage, p.round_id, ctx.device_id, ctx.org_id, p.session_id, p.shares
+    )
+
+
+@rpc_method(ORG)
+async def status(ctx: Context, p: StatusParams) -> Status:
+    """The session's stage and counts; device ids of the caller's own organization only."""
+    await round_for_reading(ctx, p.round_id)
+    return await secagg_stages.status(ctx.db, ctx.storage, p.round_id, ctx.org_id)
