@@ -30,15 +30,6 @@ from fedrpc.fl.secagg import keys, masking, protocol, quantize, shamir
 
 __all__ = ["SecAggDevice"]
 
-_PRIMITIVES = {
-    "protocol": fl_secagg.PROTOCOL,
-    "key_agreement": fl_secagg.KEY_AGREEMENT,
-    "kdf": fl_secagg.KDF,
-    "aead": fl_secagg.AEAD,
-    "prg": fl_secagg.PRG,
-    "field": fl_secagg.FIELD,
-}
-
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
@@ -102,7 +93,7 @@ class SecAggDevice:
     def read_setup(self, result: Mapping[str, Any]) -> bool:
         """Check the config; True once stage 0 closed and the neighbours are known."""
         config = result["config"]
-        for name, expected in _PRIMITIVES.items():
+        for name, expected in fl_secagg.PRIMITIVES.items():
             if config.get(name) != expected:
                 raise InvalidInput(f"the session names {name} {config.get(name)!r}")
         self.session_id, self.config = result["session_id"], dict(config)

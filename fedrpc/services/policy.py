@@ -255,11 +255,9 @@ def check_secure_strategy(strategy: str) -> None:
         )
 
 
-def check_secagg_device(
-    *, secure: bool, state: str, selected: bool, revoked: bool, member: bool
-) -> None:
-    """A device takes part in a round's SecAgg+ session only as a selected, unrevoked device of
-    an active member, in a running round that has secure_aggregation."""
+def check_round_device(*, selected: bool, revoked: bool, member: bool) -> None:
+    """A device takes part in a round (uploads, SecAgg+ stages) only as a selected, unrevoked
+    device of the round's organization or of an active member of its federation."""
     if revoked:
         raise Forbidden("this device has been revoked")
     if not selected:
@@ -268,6 +266,14 @@ def check_secagg_device(
         raise Forbidden(
             "the device's organization is not an active member of the round's federation"
         )
+
+
+def check_secagg_device(
+    *, secure: bool, state: str, selected: bool, revoked: bool, member: bool
+) -> None:
+    """A device takes part in a round's SecAgg+ session only as a round device
+    (:func:`check_round_device`), in a running round that has secure_aggregation."""
+    check_round_device(selected=selected, revoked=revoked, member=member)
     if not secure:
         raise PreconditionFailed("the round has no secure_aggregation", state=state)
     if state != "running":

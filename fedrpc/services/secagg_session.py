@@ -137,12 +137,7 @@ def _initial_config(session_id: str, target: Target) -> dict[str, Any]:
     threshold = sc["threshold"]
     return {
         "session_id": session_id,
-        "protocol": fl_secagg.PROTOCOL,
-        "key_agreement": fl_secagg.KEY_AGREEMENT,
-        "kdf": fl_secagg.KDF,
-        "aead": fl_secagg.AEAD,
-        "prg": fl_secagg.PRG,
-        "field": fl_secagg.FIELD,
+        **fl_secagg.PRIMITIVES,
         "update_format": target.update_format,
         "clip": spec.clip,
         "quantization_bits": spec.bits,

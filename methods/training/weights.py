@@ -21,7 +21,7 @@ import msgspec
 from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.db import constraint_message, jsonb
-from fedrpc.errors import BadRequest, Forbidden, PayloadTooLarge, PreconditionFailed
+from fedrpc.errors import BadRequest, PayloadTooLarge, PreconditionFailed
 from fedrpc.fl.metrics import SERVER_PREFIXES, reserved_names
 from fedrpc.fl.tensors import (
     MAX_ABS_VALUE,
@@ -34,6 +34,7 @@ from fedrpc.fl.tensors import (
 )
 from fedrpc.registry import DEVICE, rpc_method
 from fedrpc.services.payloads import payload_bytes
+from fedrpc.services.policy import check_round_device
 from schemas.training.weights import Update, UploadParams
 
 ROUND_DEVICE_KEY = "training_updates_round_device_key"
@@ -149,14 +150,7 @@ async def _find_target(ctx: Context, p: UploadParams) -> _Target:
 
 async def _open_target(ctx: Context, p: UploadParams) -> _Target:
     target = await _find_target(ctx, p)
-    if target.revoked:
-        raise Forbidden("this device has been revoked")
-    if not target.selected:
-        raise Forbidden("this device is not selected for the round")
-    if not target.member:
-        raise Forbidden(
-            "the device's organization is not an active member of the round's federation"
-        )
+    check_round_device(selected=target.selected, revoked=target.revoked, member=target.member)
     if (p.model_id, p.version) != (target.model_id, target.base_version):
         raise BadRequest(
             f"the round trains version {target.base_version} of model {target.model_id}",

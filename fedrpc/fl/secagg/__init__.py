@@ -17,7 +17,7 @@ No I/O, no clock, no global random state: randomness comes in as bytes, a
 ``randbytes`` callable or a numpy ``Generator``.
 """
 
-__all__ = ["AEAD", "FIELD", "KDF", "KEY_AGREEMENT", "PRG", "PROTOCOL"]
+__all__ = ["AEAD", "FIELD", "KDF", "KEY_AGREEMENT", "PRG", "PRIMITIVES", "PROTOCOL"]
 
 #: Version tag that starts every domain-separation string.
 PROTOCOL = "fedrpc-secagg-v1"
@@ -27,3 +27,13 @@ KDF = "hkdf-sha256"
 AEAD = "aes-256-gcm"
 PRG = "chacha20"
 FIELD = "gf(2^521-1)"
+
+#: The session config's primitive fields: the server states them, a device checks them.
+PRIMITIVES = {
+    "protocol": PROTOCOL,
+    "key_agreement": KEY_AGREEMENT,
+    "kdf": KDF,
+    "aead": AEAD,
+    "prg": PRG,
+    "field": FIELD,
+}
