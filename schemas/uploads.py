@@ -8,7 +8,7 @@ from msgspec import Meta
 from schemas._base import MutatingParams, Result
 from schemas._types import Sha256
 
-Purpose = Literal["model_artifact", "weights", "personalization"]
+Purpose = Literal["model_artifact", "weights", "personalization", "secagg_vector"]
 
 
 class CreateParams(MutatingParams):

@@ -83,6 +83,7 @@ class SecAggDevice:
         self.rejected: list[int] = []  # senders whose bundle did not open
         self.survivors: list[int] | None = None
         self.dropped: list[int] | None = None
+        self._masked: bytes | None = None
 
     # -- stage 0 ------------------------------------------------------------------------------
 
@@ -176,11 +177,29 @@ class SecAggDevice:
             )
         return flat
 
+    def _norm_bound(self) -> float | None:
+        """With central DP, the L2 norm to clip to: the device's own computation of the bound
+        (docs/secagg.md, "Central DP"), never above what the server states."""
+        stated = self.config.get("l2_norm_bound")
+        if stated is None:
+            return None
+        cfg = self.config
+        own = quantize.l2_norm_bound(cfg["clip"], cfg["quantization_bits"], cfg["dimension"])
+        return min(own, float(stated))
+
     def masked_vector_bytes(self) -> bytes:
+        """The packed masked vector; computed once, so a retry resends the same bytes."""
+        if self._masked is None:
+            self._masked = self._mask()
+        return self._masked
+
+    def _mask(self) -> bytes:
         spec = self.spec
-        vector = quantize.quantize(
-            self._flat_update(), quantize.capped_weight(self.samples, spec), spec, self.rng
-        )
+        flat = self._flat_update()
+        bound = self._norm_bound()
+        if bound is not None:
+            flat = quantize.clip_l2(flat, bound)
+        vector = quantize.quantize(flat, quantize.capped_weight(self.samples, spec), spec, self.rng)
         seeds = {
             j: keys.pairwise_mask_seed(
                 keys.agree(self.sk1, self.neighbours[j][0]), self.session_id, self.index, j
@@ -191,13 +210,19 @@ class SecAggDevice:
         masked = masking.mask(vector, self.index, self_seed, seeds, spec.modulus_bits)
         return masking.pack(masked, spec.modulus_bits)
 
-    def masked_vectors_params(self) -> dict[str, Any]:
-        if not hasattr(self, "_masked"):
-            self._masked = self.masked_vector_bytes()  # a retry resends the same bytes
+    def masked_vectors_params(self, upload_id: str | None = None) -> dict[str, Any]:
+        """Stage 2's params: the vector inline, or ``upload_id`` of an upload (purpose
+        ``secagg_vector``) of :meth:`masked_vector_bytes`."""
+        if upload_id is not None:
+            return {
+                "round_id": self.round_id,
+                "session_id": self.session_id,
+                "upload_id": upload_id,
+            }
         return {
             "round_id": self.round_id,
             "session_id": self.session_id,
-            "masked_vector": _b64(self._masked),
+            "masked_vector": _b64(self.masked_vector_bytes()),
         }
 
     def read_masked_vectors(self, result: Mapping[str, Any]) -> bool:

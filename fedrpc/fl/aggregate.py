@@ -115,6 +115,7 @@ def aggregate_streaming(
     server_state: Mapping[str, np.ndarray] | None = None,
     dp: tuple[float, float, float] | None = None,
     rng: np.random.Generator | None = None,
+    device_clipped: bool = False,
 ) -> Outcome:
     """FedAvg-family aggregation reading each (vector, num_samples) once; O(model) memory.
 
@@ -127,6 +128,9 @@ def aggregate_streaming(
     seeded generator. The outcome's metrics then hold only ``dp_noise_std``
     and ``dp_expected_updates``, which depend on the round's settings and not
     on any device: the update count and the number clipped stay unpublished.
+    With ``device_clipped`` each update is instead the mean delta of
+    ``num_samples`` devices that clipped their own (a SecAgg+ result): it
+    counts as that many clipped deltas, and is not clipped again.
     """
     p = check_strategy(name, params, dp=dp is not None)
     if name not in STREAMING:
@@ -143,8 +147,11 @@ def aggregate_streaming(
             expected_count=dp[2],
             base=base if update_format == "weights" else None,
         )
-        for vector, _samples in updates:
-            acc.add(vector)
+        for vector, samples in updates:
+            if device_clipped:
+                acc.add_clipped_mean(vector, samples)
+            else:
+                acc.add(vector)
         if acc.count == 0:
             raise InvalidInput("there are no updates to aggregate")
         noised = acc.finish(rng)

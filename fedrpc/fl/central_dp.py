@@ -128,11 +128,7 @@ class CentralDPAccumulator:
         self._base = None if base is None else check_vector(base, size, "base")
         self._delta = None if base is None else np.empty(size, dtype=np.float32)
         self.num_clipped = 0
-
-    @property
-    def count(self) -> int:
-        """Updates added so far."""
-        return self._sum.count
+        self._extra = 0  # deltas beyond one per add, from add_clipped_mean
 
     def add(self, update: np.ndarray) -> float:
         """Clip and add one client's delta (or weights, with ``base``).
@@ -160,11 +156,31 @@ class CentralDPAccumulator:
         self._sum.add(delta, scale)
         return norm
 
+    def add_clipped_mean(self, mean: np.ndarray, count: int) -> None:
+        """Add ``count`` deltas the server only knows by their mean, each clipped by its device.
+
+        A SecAgg+ result is such a mean: the server never sees one device's
+        delta, so it cannot clip it; devices clip to ``C`` before masking
+        (docs/secagg.md, "Central DP"), and the sensitivity bound holds for
+        every device that does. ``count`` deltas add ``count * mean``.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InvalidInput("count must be a positive integer")
+        if self._base is not None:
+            raise InvalidInput("a clipped mean is a mean delta; it takes no base")
+        self._sum.add(check_vector(mean, self._sum.size, "update", self.count), float(count))
+        self._extra += count - 1
+
+    @property
+    def count(self) -> int:
+        """Deltas added so far."""
+        return self._sum.count + self._extra
+
     def finish(self, rng: np.random.Generator) -> DPAggregate:
         """The noised average; ``rng`` is the caller's (cryptographically seeded) generator."""
         if not isinstance(rng, np.random.Generator):
             raise InvalidInput("rng must be a numpy.random.Generator")
-        m = self._sum.count
+        m = self.count
         # The clipped sum over the fixed denominator q N, rounded once to float32.
         total, _ = self._sum.finish_mean(self.expected_count)
         std = self.noise_multiplier * self.clipping_norm / self.expected_count

@@ -204,7 +204,11 @@ def round_min_updates(p: CreateRoundParams, federation: Federation | None) -> in
     """The fewest updates a new round aggregates: what the caller asks, at least what its
     federation demands, and never more than it selects."""
     if p.secure_aggregation is not None:
-        check_secure_strategy(p.strategy.name)
+        check_secure_round(
+            p.strategy.name,
+            update_format=p.update_format,
+            private=p.differential_privacy is not None,
+        )
     if federation is None:
         if p.differential_privacy is not None:
             raise BadRequest(
@@ -244,14 +248,21 @@ def check_federation_round(federation: Federation, *, strategy: str, private: bo
         )
 
 
-def check_secure_strategy(strategy: str) -> None:
+def check_secure_round(strategy: str, *, update_format: str, private: bool) -> None:
     """A secure-aggregation round yields only the weighted sum of its updates: the FedAvg
-    family combines that; robust strategies need every update on its own."""
+    family combines that; robust strategies need every update on its own. With central DP the
+    devices clip their own deltas before masking, so they must send deltas."""
     if strategy in ROBUST:
         raise BadRequest(
             f"{strategy} needs each update on its own; a secure_aggregation round gives only "
             "their weighted sum, so it runs the FedAvg family only",
             field="strategy",
+        )
+    if private and update_format != "delta":
+        raise BadRequest(
+            "differential_privacy on a secure_aggregation round needs update_format delta: "
+            "devices clip their own deltas before masking",
+            field="update_format",
         )
 
 
@@ -347,12 +358,18 @@ async def device_for_reading(ctx: Context, device_id: str | None) -> str:
     return device_id
 
 
+def counts_visible(dp_config: dict | None) -> bool:
+    """Whether a round's device counts may be shown at all: not on a round with differential
+    privacy, whose Poisson draw keeps secret who took part (the ledger's epsilon counts on it)."""
+    return dp_config is None
+
+
 def counts_as_seen_by(ctx: Context, rnd: Round, counts: list[OrgParticipation]) -> list:
     """Per-organization counts of a round an organization may see. A private round's counts
     are not noised, and whether another organization's device was drawn is exactly what its
     Poisson sampling keeps secret (the ledger's epsilon counts on it): there each organization
     sees its own row only."""
-    if rnd.dp_config is None:
+    if counts_visible(rnd.dp_config):
         return counts
     return [c for c in counts if c.org_id == ctx.org_id]
 
@@ -361,7 +378,7 @@ def progress_as_seen_by(rnd: Round, progress: Progress) -> Progress:
     """A private round's selected and received counts and sample total are shown to nobody. A
     federation round's live sample total is not shown either: polled around one upload, it is
     that device's sample count."""
-    if rnd.dp_config is not None:
+    if not counts_visible(rnd.dp_config):
         return msgspec.structs.replace(
             progress, selected_count=None, received_count=None, total_samples=None
         )

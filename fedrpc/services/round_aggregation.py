@@ -36,9 +36,9 @@ from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, manifest_fr
 from fedrpc.services.policy import (
     check_federation_round,
     check_round_mix,
-    check_secure_strategy,
+    check_secure_round,
 )
-from fedrpc.services.secagg_session import session_result
+from fedrpc.services.secagg_result import session_result
 from fedrpc.services.selection import poisson_selected
 from fedrpc.services.update_loop import RoundFailed, UpdateRow, cap_sample_counts, compute
 from fedrpc.services.version_artifacts import encode_weights, export_graphs
@@ -112,12 +112,7 @@ async def aggregate_round(
     secure = None
     if rnd.secagg_config is not None:
         # The completed SecAgg+ session's weighted average is the round's one input.
-        check_secure_strategy(name)
-        if rnd.dp_config is not None:
-            raise PreconditionFailed(
-                "central differential privacy on a secure-aggregation round is not supported yet",
-                state=rnd.state,
-            )
+        check_secure_round(name, update_format=rnd.update_format, private=rnd.dp_config is not None)
         secure = await session_result(db, rnd.id, rnd.state)
     federation = None
     if rnd.federation_id is not None:

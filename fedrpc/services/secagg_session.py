@@ -3,45 +3,43 @@
 One session per secure round, started by the first ``training.secagg.setup``.
 Every stage call runs in one transaction holding the session row's lock
 (``FOR UPDATE``), so calls of one session take turns across processes and a
-restart loses nothing: keys, bundles, masked vectors and shares are rows.
+restart loses nothing: keys, bundles, shares and stage counts are rows, the
+masked vectors objects in S3.
 
 A stage closes when every device still in the session has handed in its part,
 or when the stage deadline (``secure_aggregation.stage_seconds``, database
-clock) has passed; whichever call comes first after that closes it (devices
-poll by replaying their last call). A device that misses a stage has dropped
-for the rest of the session. A stage that closes with fewer than the minimum
-of devices (``min_survivors``, default ``max(3, t, min_updates)``) fails the
-session with the reason, and so does a needed secret that cannot get ``t``
-shares. Once every needed secret has ``t`` shares, the server reconstructs,
-unmasks and dequantizes on a worker thread and stores the weighted average
-(safetensors, the round's update format) for ``training.aggregate``.
+clock, never after the round's deadline) has passed; whichever call comes
+first after that closes it (devices poll by replaying their last call). A
+device that misses a stage has dropped for the rest of the session. A stage
+that closes with fewer than the minimum of devices (``min_survivors``, default
+``max(3, t, min_updates)``) fails the session with the reason, and so does a
+needed secret that cannot get ``t`` shares any more. Once every needed secret
+has ``t`` shares, :mod:`fedrpc.services.secagg_result` reconstructs, unmasks
+and stores the weighted average.
+
+A call reads the ``n`` participant rows with their stage-3 counters, never
+the ``n k`` bundles or shares: the cost of a call grows with the cohort, not
+with its square.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import secrets
 from datetime import datetime
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from fedrpc.auth import new_id
 from fedrpc.db import Database, jsonb
 from fedrpc.errors import BadRequest, PreconditionFailed
 from fedrpc.fl import InvalidInput
 from fedrpc.fl import secagg as fl_secagg
-from fedrpc.fl.secagg import graph, keys, masking, quantize, shamir
-from fedrpc.fl.tensors import (
-    FLOATING_DTYPES,
-    decode_state_dict,
-    encode_safetensors,
-    manifest_from_json,
-    unflatten,
-)
+from fedrpc.fl.secagg import graph, quantize
+from fedrpc.fl.tensors import FLOATING_DTYPES, manifest_from_json
+from fedrpc.services import secagg_result
 from fedrpc.services.policy import check_secagg_device
-from fedrpc.services.update_loop import UpdateRow
 from fedrpc.storage import Storage
 
 STAGES = ("setup", "share_keys", "masked_vectors", "unmask")
@@ -53,6 +51,7 @@ class Target(msgspec.Struct):
     org_id: str
     state: str
     secagg_config: dict[str, Any] | None
+    dp_config: dict[str, Any] | None
     update_format: str
     max_sample_count: int
     min_updates: int
@@ -80,26 +79,21 @@ class Session(msgspec.Struct):
     total_weight: int | None
     survivors: int | None
     past_deadline: bool
+    round_past_deadline: bool
 
 
 class Participant(msgspec.Struct):
     device_id: str
     org_id: str
     idx: int | None
-    pk1: bytes
-    pk2: bytes
     stage: str
+    holders: int = 0
+    asked: int = 0
+    received: int = 0
 
     @property
     def done(self) -> int:
         return DONE[self.stage]
-
-
-class ShareRow(msgspec.Struct):
-    holder: int
-    owner: int
-    kind: str
-    share: bytes
 
 
 class View(msgspec.Struct):
@@ -117,21 +111,20 @@ class View(msgspec.Struct):
         return {p.idx: p for p in self.parts if p.idx is not None and p.done >= done}
 
 
-def _minimum(config: dict[str, Any]) -> int:
-    return config["min_survivors"]
-
-
 def _initial_config(session_id: str, target: Target) -> dict[str, Any]:
-    sc = target.secagg_config or {}
+    sc, dp = target.secagg_config or {}, target.dp_config
     manifest = manifest_from_json(target.manifest)
     floating = [s for s in manifest if s.dtype in FLOATING_DTYPES]
+    dimension = sum(s.size for s in floating)
+    bits = sc.get("quantization_bits", 16)
     try:
-        spec = quantize.make_spec(
-            max(target.selected_count, 3),
-            sc.get("clip", 1.0),
-            sc.get("quantization_bits", 16),
-            target.max_sample_count,
-        )
+        if dp is None:
+            clip, max_weight, norm_bound = sc.get("clip", 1.0), target.max_sample_count, None
+        else:
+            # DP-FedAvg weighs every device alike and bounds each one's L2 norm by C.
+            clip, max_weight = dp["clipping_norm"], 1
+            norm_bound = quantize.l2_norm_bound(clip, bits, dimension)
+        spec = quantize.make_spec(max(target.selected_count, 3), clip, bits, max_weight)
     except InvalidInput as exc:
         raise PreconditionFailed(f"the round's secure_aggregation cannot run: {exc}") from None
     threshold = sc["threshold"]
@@ -140,25 +133,17 @@ def _initial_config(session_id: str, target: Target) -> dict[str, Any]:
         **fl_secagg.PRIMITIVES,
         "update_format": target.update_format,
         "clip": spec.clip,
+        "l2_norm_bound": norm_bound,
         "quantization_bits": spec.bits,
         "max_weight": spec.max_weight,
         "modulus_bits": spec.modulus_bits,
-        "dimension": sum(s.size for s in floating),
+        "dimension": dimension,
         "tensors": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in floating],
         "threshold": threshold,
         "max_devices": target.selected_count,
         "requested_neighbours": sc.get("neighbours"),
         "min_survivors": sc.get("min_survivors") or max(3, threshold, target.min_updates),
     }
-
-
-def spec_of(config: dict[str, Any]) -> quantize.QuantSpec:
-    return quantize.QuantSpec(
-        clip=config["clip"],
-        bits=config["quantization_bits"],
-        max_weight=config["max_weight"],
-        modulus_bits=config["modulus_bits"],
-    )
 
 
 async def open_target(db: Database, round_id: str, device_id: str, org_id: str) -> Target:
@@ -181,13 +166,14 @@ async def open_target(db: Database, round_id: str, device_id: str, org_id: str) 
     return target
 
 
-async def _locked(db: Database, round_id: str) -> Session | None:
+async def locked(db: Database, round_id: str) -> Session | None:
+    """The round's session, locked for this transaction (None before the first setup)."""
     return await db.maybe("training.secagg.get_session_for_update", Session, round_id=round_id)
 
 
 async def start(db: Database, target: Target) -> Session:
     """The round's session, locked, started now if this is the first setup call."""
-    session = await _locked(db, target.id)
+    session = await locked(db, target.id)
     if session is None:
         sid = new_id("sag")
         await db.run(
@@ -197,21 +183,27 @@ async def start(db: Database, target: Target) -> Session:
             config=jsonb(_initial_config(sid, target)),
             stage_seconds=(target.secagg_config or {}).get("stage_seconds", 300),
         )
-        session = await _locked(db, target.id)
+        session = await locked(db, target.id)
     return session
 
 
-async def existing(db: Database, round_id: str, session_id: str | None) -> Session:
+async def existing(db: Database, round_id: str, session_id: str) -> Session:
     """The round's session, locked; a call naming another session is refused."""
-    session = await _locked(db, round_id)
+    session = await locked(db, round_id)
     if session is None:
         raise PreconditionFailed(
             "the round's SecAgg+ session has not started: call training.secagg.setup first",
             stage="none",
         )
-    if session_id is not None and session_id != session.id:
+    if session_id != session.id:
         raise BadRequest("session_id is not the round's SecAgg+ session", field="session_id")
     return session
+
+
+@functools.lru_cache(maxsize=16)
+def _graph(n: int, k: int, seed: bytes, session_id: str) -> dict[int, tuple[int, ...]]:
+    # Rebuilt from the stored seed by any process; cached because every call needs it.
+    return graph.neighbours(n, k, graph.graph_seed(seed, session_id))
 
 
 async def view(db: Database, session: Session) -> View:
@@ -219,9 +211,7 @@ async def view(db: Database, session: Session) -> View:
     nbrs: dict[int, tuple[int, ...]] = {}
     if session.seed is not None:
         cfg = session.config
-        nbrs = graph.neighbours(
-            cfg["devices"], cfg["neighbours"], graph.graph_seed(session.seed, session.id)
-        )
+        nbrs = _graph(cfg["devices"], cfg["neighbours"], session.seed, session.id)
     return View(session, parts, nbrs)
 
 
@@ -236,6 +226,11 @@ def wrong_stage(session: Session, wanted: str) -> PreconditionFailed:
 async def _fail(db: Database, session: Session, reason: str) -> None:
     await db.run("training.secagg.update_session_failed", session_id=session.id, reason=reason)
     await db.run("training.secagg.update_round_due_now", round_id=session.round_id)
+
+
+async def _fail_short(db: Database, s: Session, what: str, have: int, minimum: int) -> None:
+    late = "the round's deadline passed and " if s.round_past_deadline else ""
+    await _fail(db, s, f"{late}{what} closed with {have} devices; the session needs {minimum}")
 
 
 async def _next(db: Database, session: Session, stage: str, **extra: Any) -> None:
@@ -253,22 +248,19 @@ async def advance(db: Database, storage: Storage, v: View, target: Target) -> Vi
     while v.session.stage in STAGES:
         if not await _close_step(db, storage, v, target):
             return v
-        session = await _locked(db, v.session.round_id)
-        v = await view(db, session)
+        v = await view(db, await locked(db, v.session.round_id))
     return v
 
 
 async def _close_step(db: Database, storage: Storage, v: View, target: Target) -> bool:
     s, cfg = v.session, v.session.config
-    minimum = _minimum(cfg)
+    minimum = cfg["min_survivors"]
     if s.stage == "setup":
         n = len(v.parts)
         if n < target.selected_count and not s.past_deadline:
             return False
         if n < minimum:
-            await _fail(
-                db, s, f"stage 0 (setup) closed with {n} devices; the session needs {minimum}"
-            )
+            await _fail_short(db, s, "stage 0 (setup)", n, minimum)
             return True
         await _close_setup(db, v)
         return True
@@ -279,13 +271,10 @@ async def _close_step(db: Database, storage: Storage, v: View, target: Target) -
     if len(done) < len(active) and not s.past_deadline:
         return False
     if len(done) < minimum:
-        await _fail(
-            db,
-            s,
-            f"stage {previous + 1} ({s.stage}) closed with {len(done)} devices; "
-            f"the session needs {minimum}",
-        )
+        await _fail_short(db, s, f"stage {previous + 1} ({s.stage})", len(done), minimum)
         return True
+    if s.stage == "masked_vectors":
+        await _count_holders(db, v)
     await _next(db, s, STAGES[previous + 2])
     return True
 
@@ -308,6 +297,18 @@ async def _close_setup(db: Database, v: View) -> None:
     await _next(db, s, "share_keys", seed=secrets.token_bytes(32), config=cfg)
 
 
+async def _count_holders(db: Database, v: View) -> None:
+    """At stage 2's close: how many surviving neighbours hold shares of each needed secret."""
+    completers, survivors = v.indexed(1), v.indexed(2)
+    owners = sorted(completers)
+    await db.run(
+        "training.secagg.update_participant_holders",
+        session_id=v.session.id,
+        indices=owners,
+        holders=[sum(1 for j in v.nbrs[o] if j in survivors) for o in owners],
+    )
+
+
 def unmask_request(v: View, index: int) -> tuple[list[int], list[int]]:
     """What device ``index`` is asked in stage 3: self-mask shares of its surviving neighbours,
     mask-key shares of its neighbours that dropped after stage 1 (never both for one)."""
@@ -317,145 +318,25 @@ def unmask_request(v: View, index: int) -> tuple[list[int], list[int]]:
 
 
 async def _try_unmask(db: Database, storage: Storage, v: View, target: Target) -> bool:
-    s, cfg = v.session, v.session.config
-    t = cfg["threshold"]
+    s, t = v.session, v.session.config["threshold"]
     completers, survivors = v.indexed(1), v.indexed(2)
-    answered = set(v.indexed(3))
-    rows = await db.all("training.secagg.list_shares", ShareRow, session_id=s.id)
-    got: dict[tuple[str, int], dict[int, bytes]] = {}
-    for r in rows:
-        got.setdefault((r.kind, r.owner), {})[r.holder] = r.share
-    short = []
-    for owner in completers:
-        kind = "self" if owner in survivors else "key"
-        holders = [j for j in v.nbrs[owner] if j in survivors]
-        have = len(got.get((kind, owner), {}))
-        pending = sum(1 for j in holders if j not in answered)
-        if have < t:
-            short.append((owner, kind, have + pending))
+    # Each needed secret: the survivors' self-mask secrets, the dropped completers' mask keys.
+    short = [p for p in completers.values() if p.received < t]
     if not short:
-        await _finish(db, storage, v, target, got)
+        failure = await secagg_result.finish(db, storage, s, v.nbrs, completers, survivors, target)
+        if failure is not None:
+            await _fail(db, s, failure)
         return True
-    hopeless = [o for o in short if o[2] < t]
-    if hopeless or s.past_deadline or len(answered) == len(survivors):
-        owner, kind, _ = (hopeless or short)[0]
-        what = "self-mask secret" if kind == "self" else "mask key"
-        await _fail(db, s, f"the {what} of device index {owner} cannot get the {t} shares it needs")
+    hopeless = [p for p in short if p.received + p.holders - p.asked < t]
+    everyone_answered = len(v.indexed(3)) == len(survivors)
+    if hopeless or s.past_deadline or everyone_answered:
+        owner = (hopeless or short)[0]
+        what = "self-mask secret" if owner.idx in survivors else "mask key"
+        late = "the round's deadline passed: " if s.round_past_deadline else ""
+        await _fail(
+            db,
+            s,
+            f"{late}the {what} of device index {owner.idx} cannot get the {t} shares it needs",
+        )
         return True
     return False
-
-
-async def _finish(
-    db: Database,
-    storage: Storage,
-    v: View,
-    target: Target,
-    got: dict[tuple[str, int], dict[int, bytes]],
-) -> None:
-    s = v.session
-    vectors = {
-        r["sender"]: bytes(r["data"])
-        for r in await db.all("training.secagg.list_vectors", dict, session_id=s.id)
-    }
-    base = await db.get(
-        "training.aggregate.find_base_artifacts",
-        _Base,
-        model_id=target.model_id,
-        version=target.base_version,
-        missing="the base version is gone",
-    )
-    base_bytes = await storage.get(base.weights_key)
-    try:
-        data, weight = await asyncio.to_thread(
-            reconstruct, s, v.nbrs, v.indexed(1), v.indexed(2), vectors, got, base, base_bytes
-        )
-    except InvalidInput as exc:
-        await _fail(db, s, f"unmasking failed: {exc}")
-        return
-    stored = await storage.put(f"secagg/{s.round_id}/{s.id}/mean.safetensors", data)
-    await db.run(
-        "training.secagg.update_session_completed",
-        session_id=s.id,
-        result_key=stored.key,
-        result_sha256=stored.sha256,
-        total_weight=weight,
-        survivors=len(vectors),
-    )
-    await db.run("training.secagg.update_round_due_now", round_id=s.round_id)
-
-
-class _Base(msgspec.Struct):
-    manifest: list[dict[str, Any]]
-    weights_key: str
-
-
-def reconstruct(
-    s: Session,
-    nbrs: dict[int, tuple[int, ...]],
-    completers: dict[int, Participant],
-    survivors: dict[int, Participant],
-    vectors: dict[int, bytes],
-    got: dict[tuple[str, int], dict[int, bytes]],
-    base: _Base,
-    base_bytes: bytes,
-) -> tuple[bytes, int]:
-    """The survivors' weighted average as safetensors and their total weight (worker thread)."""
-    cfg, sid = s.config, s.id
-    t, bits, d = cfg["threshold"], cfg["modulus_bits"], cfg["dimension"]
-    alive = sorted(survivors)
-    dropped = sorted(set(completers) - set(survivors))
-    b_of = dict(zip(alive, shamir.combine_many([got[("self", i)] for i in alive], t), strict=True))
-    sk_of = {}
-    if dropped:
-        sets = [got[("key", j)] for j in dropped]
-        sk_of = dict(zip(dropped, shamir.combine_many(sets, t), strict=True))
-    pairs = [
-        (i, j, keys.pairwise_mask_seed(keys.agree(sk_of[j], survivors[i].pk1), sid, i, j))
-        for j in dropped
-        for i in nbrs[j]
-        if i in survivors
-    ]
-    selfs = [keys.self_mask_seed(b_of[i], sid, i) for i in alive]
-    ys = [masking.unpack(vectors[i], bits, d + 1) for i in alive]
-    total = masking.unmask(masking.sum_vectors(ys, bits), selfs, pairs, bits)
-    mean, weight = quantize.dequantize(total, spec_of(cfg))
-    manifest = manifest_from_json(base.manifest)
-    base_state = decode_state_dict(base_bytes, "safetensors", field="base weights")
-    state = unflatten(mean.astype(np.float32), manifest, base_state)
-    return encode_safetensors(state), weight
-
-
-class Outcome(msgspec.Struct):
-    id: str
-    stage: str
-    failure_reason: str | None
-    result_key: str | None
-    result_sha256: str | None
-    total_weight: int | None
-    survivors: int | None
-    survivor_orgs: list[str]
-    participant_orgs: list[str]
-
-
-async def session_result(db: Database, round_id: str, state: str) -> tuple[UpdateRow, Outcome]:
-    """A secure round's aggregate input: its completed session's weighted average as the one
-    'update' the FedAvg family combines (weighted by the survivors' total weight)."""
-    found = await db.maybe("training.secagg.find_session_result", Outcome, round_id=round_id)
-    if found is None or found.stage != "completed":
-        stage = "none" if found is None else found.stage
-        raise PreconditionFailed(
-            "a secure-aggregation round is aggregated from its completed SecAgg+ session; "
-            f"the session is {'not started' if found is None else stage}",
-            state=state,
-            session_stage=stage,
-        )
-    row = UpdateRow(
-        id=found.id,
-        device_id="",
-        object_key=found.result_key,
-        sha256=found.result_sha256,
-        sample_count=found.total_weight,
-        encoding="safetensors",
-        metrics={},
-    )
-    return row, found

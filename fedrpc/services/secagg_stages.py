@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import hashlib
 
+import msgspec
+
 from fedrpc.db import Database
 from fedrpc.errors import BadRequest, Conflict, PreconditionFailed
-from fedrpc.fl.secagg import shamir
+from fedrpc.fl import InvalidInput
+from fedrpc.fl.secagg import keys, shamir
 from fedrpc.services import secagg_session as sess
+from fedrpc.services.policy import counts_visible
 from fedrpc.services.secagg_session import View
 from fedrpc.storage import Storage
 from schemas.training.secagg import (
@@ -35,6 +39,19 @@ _CONFIG_FIELDS = set(SessionConfig.__struct_fields__)
 
 def _config(v: View) -> SessionConfig:
     return SessionConfig(**{k: val for k, val in v.session.config.items() if k in _CONFIG_FIELDS})
+
+
+def _checked_key(value: bytes, field: str) -> bytes:
+    try:
+        return keys.check_public_key(value)
+    except InvalidInput as exc:
+        raise BadRequest(f"{field}: {exc}", field=field) from None
+
+
+class _Keys(msgspec.Struct):
+    idx: int | None = None
+    pk1: bytes = b""
+    pk2: bytes = b""
 
 
 def _participant(v: View, device_id: str, done: int, stage: str) -> sess.Participant:
@@ -65,10 +82,12 @@ async def setup(
         if me is None:
             if v.session.stage != "setup":
                 raise sess.wrong_stage(v.session, "setup")
+            _checked_key(pk1, "pk1"), _checked_key(pk2, "pk2")
             if pk1 == pk2:
                 raise BadRequest("pk1 and pk2 must be different keys", field="pk2")
-            taken = {p.pk1 for p in v.parts} | {p.pk2 for p in v.parts}
-            if pk1 in taken or pk2 in taken:
+            if await tx.value(
+                "training.secagg.find_key_taken", session_id=v.session.id, pk1=pk1, pk2=pk2
+            ):
                 raise BadRequest("another device of the session advertised this key", field="pk1")
             await tx.run(
                 "training.secagg.insert_participant",
@@ -80,8 +99,15 @@ async def setup(
             )
             v = await sess.advance(tx, storage, await sess.view(tx, v.session), target)
             me = v.me(device_id)
-        elif (me.pk1, me.pk2) != (pk1, pk2):
-            raise Conflict("this device advertised other keys for this session")
+        else:
+            mine = await tx.get(
+                "training.secagg.find_participant",
+                _Keys,
+                session_id=v.session.id,
+                device_id=device_id,
+            )
+            if (mine.pk1, mine.pk2) != (pk1, pk2):
+                raise Conflict("this device advertised other keys for this session")
         answer = SetupResult(
             session_id=v.session.id,
             stage=v.session.stage,
@@ -89,10 +115,15 @@ async def setup(
             config=_config(v),
         )
         if me.idx is not None:
-            by_index = v.indexed(0)
             answer.index = me.idx
             answer.neighbours = [
-                Neighbour(index=j, pk1=by_index[j].pk1, pk2=by_index[j].pk2) for j in v.nbrs[me.idx]
+                Neighbour(index=k.idx, pk1=k.pk1, pk2=k.pk2)
+                for k in await tx.all(
+                    "training.secagg.list_participant_keys",
+                    _Keys,
+                    session_id=v.session.id,
+                    indices=list(v.nbrs[me.idx]),
+                )
             ]
         return answer
 
@@ -212,11 +243,13 @@ async def masked_vectors(
                     field="masked_vector",
                     size_bytes=size,
                 )
+            # Under the session's lock: a replay finds the row, another device another key.
+            stored = await storage.put(f"secagg/{round_id}/{v.session.id}/vectors/{me.idx}", data)
             await tx.run(
                 "training.secagg.insert_vector",
                 session_id=v.session.id,
                 sender=me.idx,
-                data=data,
+                object_key=stored.key,
                 size_bytes=len(data),
                 sha256=digest,
             )
@@ -233,7 +266,15 @@ async def masked_vectors(
         return answer
 
 
-def _check_shares(v: View, index: int, shares: list[Share]) -> None:
+class _ShareRow(msgspec.Struct):
+    holder: int
+    owner: int
+    kind: str
+    share: bytes
+
+
+def _check_shares(v: View, index: int, shares: list[Share]) -> list[int]:
+    """The owners device ``index`` was asked about, once its answer holds only what was asked."""
     survivors, dropped = sess.unmask_request(v, index)
     kinds = {j: "self" for j in survivors} | {j: "key" for j in dropped}
     owners = [s.owner for s in shares]
@@ -246,6 +287,7 @@ def _check_shares(v: View, index: int, shares: list[Share]) -> None:
             )
         if int.from_bytes(s.share, "big") >= shamir.PRIME:
             raise BadRequest("a share is not an element of the field", field="shares")
+    return survivors + dropped
 
 
 async def unmask(
@@ -263,9 +305,12 @@ async def unmask(
         me = _participant(v, device_id, 2, "unmask")
         if me.done >= 3:
             rows = await tx.all(
-                "training.secagg.list_shares", sess.ShareRow, session_id=v.session.id
+                "training.secagg.list_shares_from_holder",
+                _ShareRow,
+                session_id=v.session.id,
+                holder=me.idx,
             )
-            mine = {(r.owner, r.kind, bytes(r.share)) for r in rows if r.holder == me.idx}
+            mine = {(r.owner, r.kind, bytes(r.share)) for r in rows}
             if mine != given or len(given) != len(shares):
                 raise Conflict("this device handed in other shares for stage 3")
         elif v.session.stage in ("completed", "failed"):
@@ -273,7 +318,13 @@ async def unmask(
         else:
             if v.session.stage != "unmask":
                 raise sess.wrong_stage(v.session, "unmask")
-            _check_shares(v, me.idx, shares)
+            asked = _check_shares(v, me.idx, shares)
+            await tx.run(
+                "training.secagg.update_share_counts",
+                session_id=v.session.id,
+                asked=asked,
+                given=[s.owner for s in shares],
+            )
             await tx.run(
                 "training.secagg.insert_shares",
                 session_id=v.session.id,
@@ -284,25 +335,21 @@ async def unmask(
             )
             await _completed(tx, v, device_id, "unmask")
             v = await sess.advance(tx, storage, await sess.view(tx, v.session), target)
-        received = await tx.all(
-            "training.secagg.list_shares", sess.ShareRow, session_id=v.session.id
-        )
         status = {"completed": "completed", "failed": "failed"}.get(v.session.stage, "waiting")
         return UnmaskResult(
             session_id=v.session.id,
             stage=v.session.stage,
             status=status,
-            shares_received=len(received),
+            shares_received=sum(p.received for p in v.parts),
             threshold=v.session.config["threshold"],
             failure_reason=v.session.failure_reason,
         )
 
 
 async def status(db: Database, storage: Storage, round_id: str, org_id: str) -> Status:
-    """The session as an organization that may read the round sees it: counts for everyone,
-    device ids of its own organization only."""
+    """The session as an organization that may read the round sees it: counts (none on a
+    round with differential privacy), device ids of its own organization only."""
     async with db.transaction() as tx:
-        session = await sess.existing(tx, round_id, None)
         target = await tx.get(
             "training.secagg.find_secagg_target",
             sess.Target,
@@ -310,30 +357,41 @@ async def status(db: Database, storage: Storage, round_id: str, org_id: str) -> 
             device_id="",
             org_id=org_id,
         )
+        if target.secagg_config is None:
+            raise PreconditionFailed("the round has no secure_aggregation", state=target.state)
+        session = await sess.locked(tx, round_id)
+        if session is None:
+            return Status(
+                round_id=round_id,
+                stage="not_started",
+                threshold=target.secagg_config["threshold"],
+                survivors=[],
+                dropped=[],
+            )
         v = await sess.advance(tx, storage, await sess.view(tx, session), target)
     s, cfg = v.session, v.session.config
-    counts = [sum(1 for p in v.parts if p.done >= i) for i in range(4)]
     # Alive: completed every stage before the current one (a finished session: stage 2).
     alive_from = {"setup": 0, "share_keys": 0, "masked_vectors": 1}.get(s.stage, 2)
     if s.stage == "failed":
         alive_from = min(max([p.done for p in v.parts] or [0]), 2)
     alive = [p for p in v.parts if p.done >= alive_from]
     gone = [p for p in v.parts if p.done < alive_from]
-    return Status(
+    answer = Status(
         session_id=s.id,
         round_id=s.round_id,
         stage=s.stage,
         stage_deadline=s.stage_deadline,
         threshold=cfg["threshold"],
-        devices=cfg.get("devices"),
-        neighbours=cfg.get("neighbours"),
-        counts=StageCounts(
-            setup=counts[0], share_keys=counts[1], masked_vectors=counts[2], unmask=counts[3]
-        ),
-        survivors_count=len(alive),
-        dropped_count=len(gone),
         survivors=sorted(p.device_id for p in alive if p.org_id == org_id),
         dropped=sorted(p.device_id for p in gone if p.org_id == org_id),
-        total_weight=s.total_weight,
         failure_reason=s.failure_reason,
     )
+    if counts_visible(target.dp_config):
+        counts = [sum(1 for p in v.parts if p.done >= i) for i in range(4)]
+        answer.devices, answer.neighbours = cfg.get("devices"), cfg.get("neighbours")
+        answer.counts = StageCounts(
+            setup=counts[0], share_keys=counts[1], masked_vectors=counts[2], unmask=counts[3]
+        )
+        answer.survivors_count, answer.dropped_count = len(alive), len(gone)
+        answer.total_weight = s.total_weight
+    return answer

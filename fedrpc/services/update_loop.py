@@ -175,6 +175,8 @@ def compute(
             server_state=server_state,
             dp=dp,
             rng=rng,
+            # A SecAgg+ result: the mean of deltas each device clipped itself.
+            device_clipped=rnd.secagg_config is not None,
         )
     new_state = unflatten(outcome.vector, manifest, base_state)
     try:

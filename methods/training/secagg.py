@@ -9,7 +9,9 @@ from __future__ import annotations
 from fedrpc.context import Context
 from fedrpc.registry import DEVICE, ORG, rpc_method
 from fedrpc.services import secagg_stages
+from fedrpc.services.payloads import payload_bytes
 from fedrpc.services.policy import round_for_reading
+from schemas.models.versions import Payload
 from schemas.training.secagg import (
     MaskedVectorsParams,
     MaskedVectorsResult,
@@ -56,11 +58,20 @@ async def share_keys(ctx: Context, p: ShareKeysParams) -> ShareKeysResult:
 async def masked_vectors(ctx: Context, p: MaskedVectorsParams) -> MaskedVectorsResult:
     """Accept the masked vector; once stage 2 closes, answer the unmask request.
 
-    The vector is exactly `(d + 1) * b / 8` bytes (`bad_request` otherwise).
+    The vector is exactly `(d + 1) * b / 8` bytes (`bad_request` otherwise),
+    inline or through an upload of purpose `secagg_vector`.
     """
-    return await secagg_stages.masked_vectors(
-        ctx.db, ctx.storage, p.round_id, ctx.device_id, ctx.org_id, p.session_id, p.masked_vector
-    )
+    vector = {"masked_vector": Payload(data=p.masked_vector, upload_id=p.upload_id)}
+    async with payload_bytes(ctx, vector, "secagg_vector") as blobs:
+        return await secagg_stages.masked_vectors(
+            ctx.db,
+            ctx.storage,
+            p.round_id,
+            ctx.device_id,
+            ctx.org_id,
+            p.session_id,
+            blobs["masked_vector"],
+        )
 
 
 @rpc_method(DEVICE)

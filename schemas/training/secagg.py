@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from msgspec import Meta
 
 from schemas._base import MutatingParams, Params, Result
-from schemas._types import RoundId
+from schemas._types import RoundId, UploadId
 
 PublicKey = Annotated[
     bytes, Meta(min_length=32, max_length=32, description="Raw X25519 public key (base64).")
@@ -108,9 +108,15 @@ class MaskedVectorsParams(MutatingParams, kw_only=True):
     round_id: RoundId
     session_id: SessionId
     masked_vector: Annotated[
-        MaskedVector,
+        MaskedVector | None,
         Meta(description="The d + 1 words little-endian at the modulus width (base64)."),
-    ]
+    ] = None
+    upload_id: Annotated[
+        UploadId | None,
+        Meta(
+            description="Instead of masked_vector: an upload (purpose secagg_vector) of those bytes."
+        ),
+    ] = None
 
 
 class MaskedVectorsResult(Result, kw_only=True):
@@ -160,16 +166,18 @@ class StageCounts(Result, kw_only=True):
 
 
 class Status(Result, kw_only=True):
-    session_id: str
     round_id: str
-    stage: SessionStage
-    stage_deadline: datetime
+    # not_started until the first training.secagg.setup call starts the session.
+    stage: SessionStage | Literal["not_started"]
     threshold: int
+    session_id: str | None = None
+    stage_deadline: datetime | None = None
+    # Counts are left out on a round with differential_privacy (who was drawn stays secret).
     devices: int | None = None
     neighbours: int | None = None
-    counts: StageCounts
-    survivors_count: int
-    dropped_count: int
+    counts: StageCounts | None = None
+    survivors_count: int | None = None
+    dropped_count: int | None = None
     # Device ids of the caller's own organization only (docs/design.md).
     survivors: list[str]
     dropped: list[str]

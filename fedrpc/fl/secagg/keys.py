@@ -30,6 +30,7 @@ __all__ = [
     "SHARES_PLAINTEXT_BYTES",
     "agree",
     "associated_data",
+    "check_public_key",
     "hkdf",
     "open_shares",
     "pairwise_mask_seed",
@@ -109,6 +110,23 @@ def agree(private_key: bytes, peer_public_key: bytes) -> bytes:
     if not any(shared):  # defence in depth: some backends return zeros
         raise InvalidInput("public key is of small order")
     return shared
+
+
+# Any scalar works: X25519 clamps it to a multiple of the cofactor 8, which sends every
+# point of small order (and each non-canonical encoding of one) to the all-zero output.
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+
+
+def check_public_key(public_key: bytes) -> bytes:
+    """The key, if it is 32 bytes and not of small order (whose agreements are public)."""
+    pk = X25519PublicKey.from_public_bytes(_key(public_key, "public key"))
+    try:
+        shared = _PROBE.exchange(pk)
+    except ValueError:
+        raise InvalidInput("public key is of small order") from None
+    if not any(shared):
+        raise InvalidInput("public key is of small order")
+    return bytes(public_key)
 
 
 def hkdf(ikm: bytes, session_id: str, info: bytes, length: int = KEY_BYTES) -> bytes:

@@ -25,8 +25,10 @@ __all__ = [
     "QuantSpec",
     "capped_weight",
     "choose_modulus_bits",
+    "clip_l2",
     "dequantize",
     "error_bound",
+    "l2_norm_bound",
     "make_spec",
     "quantize",
 ]
@@ -204,3 +206,38 @@ def error_bound(spec: QuantSpec, stochastic: bool = True) -> float:
     a step (nearest); a weighted mean of such errors is bounded the same way.
     """
     return spec.step if stochastic else spec.step / 2
+
+
+def l2_norm_bound(clipping_norm: float, bits: int, dimension: int) -> float:
+    """The L2 norm a device clips its update to so that, once quantized, it is at most ``C``.
+
+    Central DP on a secure round (docs/secagg.md, "Central DP") calibrates noise
+    to a sensitivity ``C``, and the server only sees the sum of the *quantized*
+    updates. With the coordinate range ``c = C`` each coordinate moves by less
+    than one step ``2C / L`` when rounded, so the quantized update's norm exceeds
+    the clipped one by less than ``sqrt(d) * 2C / L``: clipping to
+    ``C * (1 - 2 sqrt(d) / L)`` keeps it at most ``C``. Refuses a bound that is
+    not positive (too few quantization bits for ``d`` parameters).
+    """
+    if not (isinstance(clipping_norm, int | float) and math.isfinite(clipping_norm)):
+        raise InvalidInput("clipping norm must be a finite number")
+    if clipping_norm <= 0:
+        raise InvalidInput("clipping norm must be positive")
+    levels = 2 ** _positive_int(bits, "quantization bits") - 1
+    shrink = 1.0 - 2.0 * math.sqrt(_positive_int(dimension, "dimension")) / levels
+    if shrink <= 0:
+        raise InvalidInput(
+            f"{bits} quantization bits are too coarse for central DP over {dimension} "
+            "parameters: rounding alone could exceed the clipping norm; use more bits"
+        )
+    return float(clipping_norm) * shrink
+
+
+def clip_l2(update: np.ndarray, bound: float) -> np.ndarray:
+    """The update scaled down to L2 norm at most ``bound`` (float64, flat)."""
+    x = np.asarray(update, dtype=np.float64).reshape(-1)
+    norm = float(np.linalg.norm(x))
+    if not math.isfinite(norm):
+        raise InvalidInput("update has NaN or infinite values")
+    # The margin absorbs the rounding of the scaling itself.
+    return x * (bound / norm * (1 - 2.0**-40)) if norm > bound else x

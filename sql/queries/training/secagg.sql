@@ -1,7 +1,7 @@
 -- name: find_secagg_target
 -- A round as one device taking part in its SecAgg+ session sees it: state, selection, membership, cohort size, base manifest.
-SELECT r.id, r.org_id, r.state, r.secagg_config, r.update_format, r.max_sample_count, r.min_updates,
-       r.model_id, r.base_version, r.federation_id,
+SELECT r.id, r.org_id, r.state, r.secagg_config, r.dp_config, r.update_format, r.max_sample_count,
+       r.min_updates, r.model_id, r.base_version, r.federation_id,
        EXISTS (SELECT 1 FROM round_devices AS d
                WHERE d.round_id = r.id AND d.device_id = %(device_id)s) AS selected,
        EXISTS (SELECT 1 FROM devices AS x
@@ -17,24 +17,30 @@ JOIN model_versions AS v ON v.model_id = r.model_id AND v.version = r.base_versi
 WHERE r.id = %(round_id)s;
 
 -- name: insert_session
--- Start a round's SecAgg+ session on the first setup call; a concurrent first call loses quietly.
+-- Start a round's SecAgg+ session on the first setup call (no stage ends after the round's deadline); a concurrent first call loses quietly.
 INSERT INTO secagg_sessions (id, round_id, config, stage_seconds, stage_deadline)
-VALUES (%(id)s, %(round_id)s, %(config)s, %(stage_seconds)s, now() + make_interval(secs => %(stage_seconds)s))
+SELECT %(id)s, r.id, %(config)s, %(stage_seconds)s,
+       least(now() + make_interval(secs => %(stage_seconds)s), r.deadline_at)
+FROM training_rounds AS r WHERE r.id = %(round_id)s
 ON CONFLICT (round_id) DO NOTHING;
 
 -- name: get_session_for_update
 -- A round's session, locked for this transaction: every stage call of one session runs in turn.
-SELECT id, round_id, stage, seed, config, stage_seconds, stage_deadline, failure_reason, result_key,
-       result_sha256, total_weight, survivors, stage_deadline <= now() AS past_deadline
-FROM secagg_sessions WHERE round_id = %(round_id)s
-FOR UPDATE;
+SELECT s.id, s.round_id, s.stage, s.seed, s.config, s.stage_seconds, s.stage_deadline, s.failure_reason,
+       s.result_key, s.result_sha256, s.total_weight, s.survivors, s.stage_deadline <= now() AS past_deadline,
+       r.deadline_at <= now() AS round_past_deadline
+FROM secagg_sessions AS s JOIN training_rounds AS r ON r.id = s.round_id
+WHERE s.round_id = %(round_id)s
+FOR UPDATE OF s;
 
 -- name: update_session_stage
--- Move a session to its next stage with a fresh stage deadline (and, at stage 0's close, its seed and final config).
-UPDATE secagg_sessions
-SET stage = %(stage)s, stage_deadline = now() + make_interval(secs => stage_seconds),
-    seed = coalesce(%(seed)s, seed), config = coalesce(%(config)s, config), updated_at = now()
-WHERE id = %(session_id)s;
+-- Move a session to its next stage with a fresh stage deadline, never after the round's (and, at stage 0's close, its seed and final config).
+UPDATE secagg_sessions AS s
+SET stage = %(stage)s,
+    stage_deadline = least(now() + make_interval(secs => s.stage_seconds),
+                           (SELECT r.deadline_at FROM training_rounds AS r WHERE r.id = s.round_id)),
+    seed = coalesce(%(seed)s, s.seed), config = coalesce(%(config)s, s.config), updated_at = now()
+WHERE s.id = %(session_id)s;
 
 -- name: update_session_failed
 -- A session that cannot complete, with the reason.
@@ -49,10 +55,27 @@ SET stage = 'completed', result_key = %(result_key)s, result_sha256 = %(result_s
 WHERE id = %(session_id)s AND stage = 'unmask';
 
 -- name: list_participants
--- A session's devices in index order (byte-wise device id order before indices exist).
-SELECT device_id, org_id, idx, pk1, pk2, stage
+-- A session's devices with their stage-3 counts, byte-wise by device id (the order indices follow).
+SELECT device_id, org_id, idx, stage, holders, asked, received
 FROM secagg_participants WHERE session_id = %(session_id)s
 ORDER BY device_id COLLATE "C";
+
+-- name: find_participant
+-- One device of a session, with its keys.
+SELECT device_id, org_id, idx, stage, pk1, pk2
+FROM secagg_participants WHERE session_id = %(session_id)s AND device_id = %(device_id)s;
+
+-- name: list_participant_keys
+-- The public keys of some devices of a session, by index (a device's neighbours; the survivors at unmasking).
+SELECT idx, pk1, pk2 FROM secagg_participants
+WHERE session_id = %(session_id)s AND idx = ANY(%(indices)s::int[])
+ORDER BY idx;
+
+-- name: find_key_taken
+-- Whether another device of the session advertised either key, as pk1 or pk2.
+SELECT EXISTS (SELECT 1 FROM secagg_participants
+               WHERE session_id = %(session_id)s
+                 AND (pk1 IN (%(pk1)s, %(pk2)s) OR pk2 IN (%(pk1)s, %(pk2)s)));
 
 -- name: insert_participant
 -- Register one device's stage-0 keys.
@@ -87,17 +110,29 @@ SELECT sender, bundle FROM secagg_bundles
 WHERE session_id = %(session_id)s AND receiver = %(receiver)s ORDER BY sender;
 
 -- name: insert_vector
--- Store one device's masked vector (inline bytes).
-INSERT INTO secagg_vectors (session_id, sender, data, size_bytes, sha256)
-VALUES (%(session_id)s, %(sender)s, %(data)s, %(size_bytes)s, %(sha256)s);
+-- Record one device's masked vector, stored in S3 under object_key.
+INSERT INTO secagg_vectors (session_id, sender, object_key, size_bytes, sha256)
+VALUES (%(session_id)s, %(sender)s, %(object_key)s, %(size_bytes)s, %(sha256)s);
 
 -- name: find_vector_sha256
 -- The sha256 of the masked vector a device handed in, if any (replays must match it).
 SELECT sha256 FROM secagg_vectors WHERE session_id = %(session_id)s AND sender = %(sender)s;
 
 -- name: list_vectors
--- Every masked vector of a session, for unmasking.
-SELECT sender, data FROM secagg_vectors WHERE session_id = %(session_id)s ORDER BY sender;
+-- Every masked vector of a session, for unmasking (S3 keys; inline bytes from sessions before 0013).
+SELECT sender, data, object_key FROM secagg_vectors WHERE session_id = %(session_id)s ORDER BY sender;
+
+-- name: update_participant_holders
+-- At stage 2's close: how many surviving neighbours hold shares of each needed secret.
+UPDATE secagg_participants AS p SET holders = x.holders
+FROM unnest(%(indices)s::int[], %(holders)s::int[]) AS x (idx, holders)
+WHERE p.session_id = %(session_id)s AND p.idx = x.idx;
+
+-- name: update_share_counts
+-- One stage-3 answer: each owner it was asked about has one more answer, those it gave a share of one more share.
+UPDATE secagg_participants
+SET asked = asked + 1, received = received + (idx = ANY(%(given)s::int[]))::int
+WHERE session_id = %(session_id)s AND idx = ANY(%(asked)s::int[]);
 
 -- name: insert_shares
 -- Store one device's stage-3 answer.
@@ -105,8 +140,13 @@ INSERT INTO secagg_shares (session_id, holder, owner, kind, share)
 SELECT %(session_id)s, %(holder)s, x.owner, x.kind, x.share
 FROM unnest(%(owners)s::int[], %(kinds)s::text[], %(shares)s::bytea[]) AS x (owner, kind, share);
 
+-- name: list_shares_from_holder
+-- The shares one device handed in (a replay must carry the same ones).
+SELECT holder, owner, kind, share FROM secagg_shares
+WHERE session_id = %(session_id)s AND holder = %(holder)s ORDER BY owner;
+
 -- name: list_shares
--- Every share received in a session's stage 3.
+-- Every share received in a session's stage 3, for reconstruction.
 SELECT holder, owner, kind, share FROM secagg_shares
 WHERE session_id = %(session_id)s ORDER BY owner, holder;
 
