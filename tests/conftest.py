@@ -7,6 +7,7 @@ its own bucket, so tests never see each other's rows or objects.
 from __future__ import annotations
 
 import asyncio
+import io
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ class RpcClient:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         data = body if raw else msgspec.json.encode(body)
+        if isinstance(data, bytes) and len(data) > 1 << 20:
+            data = io.BytesIO(data)  # aiohttp warns that large raw bytes block the loop
         resp = await self.http.post("/rpc", data=data, headers=headers)
         text = await resp.read()
         return resp, (msgspec.json.decode(text) if text else None)

@@ -54,6 +54,20 @@ async def _claim(ctx: Context, field: str, upload_id: str, purpose: str) -> Uplo
     return upload
 
 
+async def used_upload_sha256(ctx: Context, upload_id: str) -> str | None:
+    """The declared sha256 of an upload this caller has already used, else None: a replayed
+    call that names it can be recognised by that digest though its bytes are gone."""
+    upload = await ctx.db.maybe("uploads.find_upload", Upload, upload_id=upload_id)
+    if (
+        upload is None
+        or upload.consumed_at is None
+        or upload.org_id != ctx.org_id
+        or upload.device_id != ctx.principal.device_id
+    ):
+        return None
+    return upload.sha256
+
+
 async def _read(ctx: Context, field: str, upload: Upload) -> bytes:
     size = await ctx.storage.size(upload.object_key)
     if size is None:

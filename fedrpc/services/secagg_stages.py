@@ -9,8 +9,6 @@ not in is ``precondition_failed`` with ``data.stage``.
 
 from __future__ import annotations
 
-import hashlib
-
 import msgspec
 
 from fedrpc.db import Database
@@ -219,9 +217,11 @@ async def masked_vectors(
     device_id: str,
     org_id: str,
     session_id: str,
-    data: bytes,
+    data: bytes | None,
+    digest: str,
 ) -> MaskedVectorsResult:
-    digest = hashlib.sha256(data).hexdigest()
+    """Stage 2. ``data`` is None on a replay through an upload this device already used
+    (its bytes are gone): then only ``digest`` must match what the device handed in."""
     async with db.transaction() as tx:
         v, target = await _stage_view(tx, storage, round_id, device_id, org_id, session_id)
         me = _participant(v, device_id, 1, "masked_vectors")
@@ -231,6 +231,8 @@ async def masked_vectors(
             )
             if stored != digest:
                 raise Conflict("this device handed in another masked vector")
+        elif data is None:
+            raise Conflict("masked_vector: the upload has already been used", field="upload_id")
         else:
             if v.session.stage != "masked_vectors":
                 raise sess.wrong_stage(v.session, "masked_vectors")

@@ -6,10 +6,12 @@ The rules live in fedrpc/services/secagg_stages.py and secagg_session.py
 
 from __future__ import annotations
 
+import hashlib
+
 from fedrpc.context import Context
 from fedrpc.registry import DEVICE, ORG, rpc_method
 from fedrpc.services import secagg_stages
-from fedrpc.services.payloads import payload_bytes
+from fedrpc.services.payloads import payload_bytes, used_upload_sha256
 from fedrpc.services.policy import round_for_reading
 from schemas.models.versions import Payload
 from schemas.training.secagg import (
@@ -61,17 +63,13 @@ async def masked_vectors(ctx: Context, p: MaskedVectorsParams) -> MaskedVectorsR
     The vector is exactly `(d + 1) * b / 8` bytes (`bad_request` otherwise),
     inline or through an upload of purpose `secagg_vector`.
     """
+    stage = (ctx.db, ctx.storage, p.round_id, ctx.device_id, ctx.org_id, p.session_id)
+    if p.upload_id is not None and (replayed := await used_upload_sha256(ctx, p.upload_id)):
+        return await secagg_stages.masked_vectors(*stage, None, replayed)
     vector = {"masked_vector": Payload(data=p.masked_vector, upload_id=p.upload_id)}
     async with payload_bytes(ctx, vector, "secagg_vector") as blobs:
-        return await secagg_stages.masked_vectors(
-            ctx.db,
-            ctx.storage,
-            p.round_id,
-            ctx.device_id,
-            ctx.org_id,
-            p.session_id,
-            blobs["masked_vector"],
-        )
+        data = blobs["masked_vector"]
+        return await secagg_stages.masked_vectors(*stage, data, hashlib.sha256(data).hexdigest())
 
 
 @rpc_method(DEVICE)

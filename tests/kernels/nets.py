@@ -55,7 +55,21 @@ class ConvBNNet(nn.Module):
         return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
 
 
-NETS = {"mlp": MLP, "convbn": ConvBNNet}
+class WideMLP(nn.Module):
+    """A 316-wide hidden layer: 100,806 parameters, the size the SecAgg+ tests ask for."""
+
+    input_shape = (316,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(316, 316)
+        self.fc2 = nn.Linear(316, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+NETS = {"mlp": MLP, "convbn": ConvBNNet, "wide": WideMLP}
 
 
 def make_net(kind: str, seed: int) -> nn.Module:

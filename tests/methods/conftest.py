@@ -35,6 +35,11 @@ def convbn_bundle():
     return _bundle("convbn", 2)
 
 
+@pytest.fixture(scope="session")
+def wide_bundle():
+    return _bundle("wide", 3)
+
+
 def inline(bundle: dict[str, bytes], **override) -> dict:
     parts = {**bundle, **override}
     return {
@@ -50,6 +55,16 @@ async def mlp_model(client, org, mlp_bundle) -> dict:
     model = await client.ok("models.create", {"name": "mlp"}, org.token)
     await client.ok(
         "models.versions.create", {"model_id": model["id"], **inline(mlp_bundle[1])}, org.token
+    )
+    return model
+
+
+@pytest.fixture
+async def wide_model(client, org, wide_bundle) -> dict:
+    """A model of `org` with version 1 registered from the 100,806-parameter bundle."""
+    model = await client.ok("models.create", {"name": "wide"}, org.token)
+    await client.ok(
+        "models.versions.create", {"model_id": model["id"], **inline(wide_bundle[1])}, org.token
     )
     return model
 

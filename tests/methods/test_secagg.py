@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import secrets
 from dataclasses import dataclass, field
+from hashlib import sha256
 
+import aiohttp
 import numpy as np
 import psycopg
 import pytest
@@ -70,6 +72,7 @@ async def secure_round(
     t: int = T,
     federation_id: str | None = None,
     known: dict[str, str] | None = None,
+    round_params: dict | None = None,
     **secagg,
 ) -> Cohort:
     """A started secure round of n selected devices (``known``: tokens of the org's devices
@@ -86,6 +89,7 @@ async def secure_round(
     }
     if federation_id:
         params |= {"federation_id": federation_id, "min_updates": 2}
+    params |= round_params or {}
     rnd = await client.ok("training.create_round", params, org.token)
     selected = (await client.ok("training.select_devices", {"round_id": rnd["id"]}, org.token))[
         "selected"
@@ -110,6 +114,18 @@ async def run_stage(client, database_url, c, method, live, params_of, read) -> d
         answers = {i: await client.ok(method, params_of(i), c.tokens[i]) for i in live}
         assert all(read(i, answers[i]) for i in live), answers
     return answers
+
+
+async def upload_vector(client, token: str, data: bytes) -> str:
+    """A device's masked vector sent through a presigned PUT; its upload id."""
+    upload = await client.ok(
+        "uploads.create",
+        {"purpose": "secagg_vector", "size_bytes": len(data), "sha256": sha256(data).hexdigest()},
+        token,
+    )
+    async with aiohttp.ClientSession() as http, http.put(upload["url"], data=data) as resp:
+        assert resp.status == 200, await resp.text()
+    return upload["upload_id"]
 
 
 async def run_session(client, database_url, c: Cohort, drop: dict[int, set[int]] | None = None):
@@ -150,13 +166,18 @@ async def run_session(client, database_url, c: Cohort, drop: dict[int, set[int]]
         lambda i, a: c.devices[i].read_share_keys(a),
     )
     live = [i for i in live if i not in drop.get(2, set())]
+    uploads = {
+        i: await upload_vector(client, c.tokens[i], c.devices[i].masked_vector_bytes())
+        for i in live
+        if i in c.extra.get("upload", ())
+    }
     await run_stage(
         client,
         database_url,
         c,
         "training.secagg.masked_vectors",
         live,
-        lambda i: c.devices[i].masked_vectors_params(),
+        lambda i: c.devices[i].masked_vectors_params(uploads.get(i)),
         lambda i, a: c.devices[i].read_masked_vectors(a),
     )
     survivors = list(live)
