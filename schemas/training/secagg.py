@@ -50,6 +50,13 @@ class SessionConfig(Result, kw_only=True):
     field: str
     update_format: str
     clip: float
+    l2_norm_bound: Annotated[
+        float | None,
+        Meta(
+            description="With differential privacy: the L2 norm each device clips its delta to "
+            "before quantizing (its weight is then 1)."
+        ),
+    ] = None
     quantization_bits: int
     max_weight: int
     modulus_bits: int

@@ -67,6 +67,31 @@ def test_small_order_public_key_is_refused():
         keys.agree(os.urandom(32), bytes(32))
 
 
+# The points of order dividing 8 on Curve25519 and non-canonical encodings of them (u + p),
+# as listed by libsodium's blocklist: every X25519 agreement with them is all zeros.
+SMALL_ORDER = [
+    "0000000000000000000000000000000000000000000000000000000000000000",
+    "0100000000000000000000000000000000000000000000000000000000000000",
+    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+]
+
+
+@pytest.mark.parametrize("point", SMALL_ORDER)
+def test_check_public_key_refuses_every_small_order_point(point):
+    with pytest.raises(InvalidInput, match="small order"):
+        keys.check_public_key(bytes.fromhex(point))
+
+
+def test_check_public_key_passes_real_keys():
+    for _ in range(50):
+        pk = keys.public_key(os.urandom(32))
+        assert keys.check_public_key(pk) == pk
+
+
 def test_derivations_are_separated_by_use_session_and_pair():
     shared = os.urandom(32)
     seeds = {
@@ -229,6 +254,39 @@ def test_stochastic_rounding_is_unbiased_and_within_one_step():
     deq = v[:-1] * spec.step - spec.clip
     assert np.abs(deq - 0.123).max() < spec.step
     assert abs(deq.mean() - 0.123) < 3 * spec.step / np.sqrt(x.size)
+
+
+class _RoundsUp:
+    """A stand-in generator whose uniforms are all 0: stochastic rounding always rounds up."""
+
+    def random(self, n: int) -> np.ndarray:
+        return np.zeros(n)
+
+
+@pytest.mark.parametrize(("bits", "d"), [(16, 100_806), (12, 1000), (20, 1_000_000)])
+def test_an_update_clipped_to_the_dp_bound_stays_within_c_after_worst_case_rounding(bits, d):
+    clip = 0.7
+    bound = quantize.l2_norm_bound(clip, bits, d)
+    # Independent: C minus sqrt(d) steps of 2C / (2^bits - 1).
+    assert bound == pytest.approx(clip - np.sqrt(d) * 2 * clip / (2**bits - 1), rel=1e-12)
+    spec = quantize.make_spec(1, clip, bits, 1)
+    # The worst case: equal coordinates a hair above a level, at the bound, all rounded up.
+    level = np.floor((bound / np.sqrt(d) + clip) / spec.step)
+    x = np.full(d, (level + 1e-6) * spec.step - clip)
+    assert np.linalg.norm(x) <= bound
+    words = quantize.quantize(x, 1, spec, _RoundsUp())
+    rounded = words[:-1].astype(np.float64) * spec.step - clip
+    assert bound < np.linalg.norm(rounded) <= clip
+    # And any direction with stochastic rounding.
+    rng = np.random.default_rng(bits)
+    y = quantize.clip_l2(rng.normal(size=d) * 1e3, bound)
+    words = quantize.quantize(y, 1, spec, rng)
+    assert np.linalg.norm(words[:-1].astype(np.float64) * spec.step - clip) <= clip
+
+
+def test_too_few_bits_for_dp_are_refused():
+    with pytest.raises(InvalidInput, match="too coarse"):
+        quantize.l2_norm_bound(1.0, 8, 100_000)
 
 
 def test_nearest_rounding_is_within_half_a_step():
