@@ -35,6 +35,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # 32 MB of raw weights is about 43 MB of base64; leave room for the envelope.
     max_body_bytes: int = 48 * 1024 * 1024
     max_batch: int = 100
+    # analytics.report: the most observations one call may carry.
+    analytics_max_observations: int = 10_000
     max_upload_bytes: int = 512 * 1024 * 1024
     rate_limit_per_second: float = 200.0
     rate_limit_burst: int = 400

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedrpc.auth import new_id
 from fedrpc.context import Context
+from fedrpc.db import jsonb
 from fedrpc.errors import Forbidden, NotFound
 from fedrpc.registry import ORG, rpc_method
 from fedrpc.services.policy import (
@@ -13,6 +14,7 @@ from fedrpc.services.policy import (
     require_org,
 )
 from schemas.federations import (
+    AnalyticsPolicy,
     CreateParams,
     Federation,
     GetParams,
@@ -33,6 +35,7 @@ async def create(ctx: Context, p: CreateParams) -> Federation:
     """Create a federation; the caller's organization owns it and is its first active member."""
     require_org(ctx.principal, p.org_id)
     policy = p.privacy_policy
+    analytics = p.analytics_policy or AnalyticsPolicy()
     async with ctx.db.transaction() as tx:
         federation = await tx.get(
             "federations.insert_federation",
@@ -44,6 +47,9 @@ async def create(ctx: Context, p: CreateParams) -> Federation:
             total_epsilon_budget=policy.total_epsilon_budget if policy else None,
             total_delta_budget=policy.total_delta_budget if policy else None,
             min_round_updates=p.min_round_updates,
+            analytics_min_group_size=analytics.min_group_size,
+            analytics_allow_min_max=analytics.allow_min_max,
+            analytics_variables=None if analytics.variables is None else jsonb(analytics.variables),
         )
         await tx.run(
             "federations.insert_owner_membership",

@@ -7,6 +7,7 @@ from msgspec import Meta
 
 from schemas._base import MutatingParams, Params, Result
 from schemas._types import Delta, Description, Epsilon, FederationId, Limit, Name, Offset, OrgId
+from schemas.analytics import VariableName
 
 
 class PrivacyPolicy(Params, kw_only=True):
@@ -16,6 +17,22 @@ class PrivacyPolicy(Params, kw_only=True):
     total_delta_budget: Delta = 1e-5
 
 
+class AnalyticsPolicy(Params, kw_only=True):
+    """What federated analytics may show (docs/analytics.md)."""
+
+    min_group_size: Annotated[
+        int,
+        Meta(ge=2, le=1_000_000, description="Groups with fewer values are suppressed."),
+    ] = 10
+    allow_min_max: Annotated[
+        bool, Meta(description="Whether answers show a group's min and max (single values).")
+    ] = False
+    variables: Annotated[
+        dict[VariableName, Literal["numeric", "categorical"]] | None,
+        Meta(description="Declared variables; devices may report only these. Null: any."),
+    ] = None
+
+
 class CreateParams(MutatingParams, kw_only=True):
     """Create a federation owned by the caller's organization, which becomes its first active member."""
 
@@ -23,6 +40,7 @@ class CreateParams(MutatingParams, kw_only=True):
     org_id: OrgId
     description: Description = ""
     privacy_policy: PrivacyPolicy | None = None
+    analytics_policy: AnalyticsPolicy | None = None
     min_round_updates: Annotated[
         int,
         Meta(
@@ -41,6 +59,7 @@ class Federation(Result, kw_only=True):
     total_epsilon_budget: float | None = None
     total_delta_budget: float | None = None
     min_round_updates: int
+    analytics_policy: AnalyticsPolicy | None = None
     created_at: datetime
     updated_at: datetime
 

@@ -1,10 +1,15 @@
 -- name: insert_federation
 -- A new federation with its (optional) budget.
 INSERT INTO federations (id, name, description, owner_org_id, total_epsilon_budget, total_delta_budget,
-                         min_round_updates)
+                         min_round_updates, analytics_min_group_size, analytics_allow_min_max,
+                         analytics_variables)
 VALUES (%(id)s, %(name)s, %(description)s, %(owner_org_id)s, %(total_epsilon_budget)s, %(total_delta_budget)s,
-        %(min_round_updates)s)
+        %(min_round_updates)s, %(analytics_min_group_size)s, %(analytics_allow_min_max)s,
+        %(analytics_variables)s)
 RETURNING id, name, description, owner_org_id, total_epsilon_budget, total_delta_budget, min_round_updates,
+          jsonb_build_object('min_group_size', analytics_min_group_size,
+                             'allow_min_max', analytics_allow_min_max,
+                             'variables', analytics_variables) AS analytics_policy,
           created_at, updated_at;
 
 -- name: insert_owner_membership
@@ -16,6 +21,9 @@ VALUES (%(id)s, %(federation_id)s, %(org_id)s, 'active', now());
 -- A federation and the role of one organization in it: owner, active, invited or none.
 SELECT f.id, f.name, f.description, f.owner_org_id, f.total_epsilon_budget, f.total_delta_budget,
        f.min_round_updates,
+       jsonb_build_object('min_group_size', f.analytics_min_group_size,
+                          'allow_min_max', f.analytics_allow_min_max,
+                          'variables', f.analytics_variables) AS analytics_policy,
        f.created_at, f.updated_at,
        CASE WHEN f.owner_org_id = %(org_id)s THEN 'owner' ELSE coalesce(m.status, 'none') END AS role
 FROM federations AS f
@@ -26,6 +34,9 @@ WHERE f.id = %(federation_id)s;
 -- The federations an organization owns or is an active member of, newest first.
 SELECT f.id, f.name, f.description, f.owner_org_id, f.total_epsilon_budget, f.total_delta_budget,
        f.min_round_updates,
+       jsonb_build_object('min_group_size', f.analytics_min_group_size,
+                          'allow_min_max', f.analytics_allow_min_max,
+                          'variables', f.analytics_variables) AS analytics_policy,
        f.created_at, f.updated_at
 FROM federations AS f
 JOIN federation_members AS m ON m.federation_id = f.id AND m.org_id = %(org_id)s AND m.status = 'active'

@@ -196,6 +196,15 @@ async def build_world(client, org, other_org, model, bundle) -> World:
             token,
         )
         side.uploads[did] = upload["upload_id"]
+        # Six numbers and two categories each: every member's and group's answer is shown.
+        rows = [
+            {"variable": "walk", "value": float(i + k), "recorded_at": "2026-01-01T00:00:00Z"}
+            for k in range(6)
+        ] + [
+            {"variable": v, "category": f"{v}{i % 2}", "recorded_at": "2026-01-01T00:00:00Z"}
+            for v in ("walk_a", "walk_b")
+        ]
+        await client.ok("analytics.report", {"observations": rows}, token)
     for side in (a, b):
         # Registered after selection, so the rounds above selected exactly the four devices.
         side.spare = await register_device(client, side.org.token)
@@ -349,6 +358,45 @@ WALK: list[tuple[str, Params]] = [
     ),
     ("training.secagg.status", lambda w: {"round_id": w.world.mixed_round["id"]}),
     ("training.aggregate", lambda w: {"round_id": w.world.mixed_round["id"]}),
+    (
+        "federations.analytics.descriptive",
+        lambda w: {"federation_id": w.fed_id, "variable": "walk"},
+    ),
+    (
+        "federations.analytics.descriptive",
+        lambda w: {"federation_id": w.fed_id, "variable": "walk", "group_by": "federation_member"},
+    ),
+    (
+        "federations.analytics.t_test",
+        lambda w: {
+            "federation_id": w.fed_id,
+            "variable": "walk",
+            "group_by": "federation_member",
+            "group_a": w.me.org.id,
+            "group_b": w.other.org.id,
+        },
+    ),
+    (
+        "federations.analytics.anova",
+        lambda w: {"federation_id": w.fed_id, "variable": "walk", "group_by": "federation_member"},
+    ),
+    (
+        "federations.analytics.chi_square",
+        lambda w: {"federation_id": w.fed_id, "variable_1": "walk_a", "variable_2": "walk_b"},
+    ),
+    ("federations.analytics.queries.list", lambda w: {}),
+    (
+        "federations.analytics.queries.get",
+        lambda w: {"query_id": w.made.get("query_id", "anq_" + "0" * 32)},
+    ),
+    (
+        "analytics.report",
+        lambda w: {
+            "observations": [
+                {"variable": "walk", "value": 1.0, "recorded_at": "2026-01-01T00:00:00Z"}
+            ]
+        },
+    ),
     ("training.get_round", lambda w: {"round_id": w.world.mixed_round["id"]}),
     (
         "models.versions.create",
@@ -365,6 +413,10 @@ WALK: list[tuple[str, Params]] = [
 
 # The other side's ids named in params, as a caller that learned them would.
 PROBES: list[tuple[str, Params]] = [
+    (
+        "federations.analytics.descriptive",
+        lambda w: {"federation_id": w.fed_id, "variable": "walk", "group_ids": [w.other.group_id]},
+    ),
     ("devices.get", lambda w: {"device_id": w.other.devices[0]["device_id"]}),
     ("devices.list", lambda w: {"device_group_id": w.other.group_id}),
     (
@@ -444,6 +496,11 @@ _ORG_READS = {
     "training.personalized.list",
     "training.personalized.get",
     "training.personalized.metrics",
+    "federations.analytics.descriptive",
+    "federations.analytics.t_test",
+    "federations.analytics.anova",
+    "federations.analytics.queries.list",
+    "federations.analytics.queries.get",
 }
 MUST_ANSWER = {
     "org A": _ORG_READS | {"training.aggregate", "training.select_devices"},
@@ -456,6 +513,7 @@ MUST_ANSWER = {
         "training.personalized.metrics",
         "training.device_jobs.update_status",
         "devices.rotate_token",
+        "analytics.report",
     },
 }
 
@@ -488,6 +546,8 @@ async def call(client, w: Walk, method: str, params: dict) -> Call:
 def _remember(w: Walk, method: str, result) -> None:
     if method == "training.create_round":
         w.made["round_id"] = result["id"]
+    if method.startswith("federations.analytics.") and "query_id" in result:
+        w.made["query_id"] = result["query_id"]
     if method == "devices.rotate_token":
         w.token = result["token"]
 

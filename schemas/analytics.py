@@ -1,0 +1,36 @@
+"""analytics.report: observations a device reports for federated analytics (docs/analytics.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from msgspec import Meta
+
+from schemas._base import MutatingParams, Params, Result
+
+VariableName = Annotated[
+    str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_.:-]*$")
+]
+Category = Annotated[str, Meta(min_length=1, max_length=128)]
+#: The schema's ceiling; the server's FEDRPC_ANALYTICS_MAX_OBSERVATIONS may be lower.
+MAX_OBSERVATIONS = 100_000
+
+
+class Observation(Params, kw_only=True):
+    """One measurement: a number (value) or a category; neither means the variable is missing."""
+
+    variable: VariableName
+    value: float | None = None
+    category: Category | None = None
+    recorded_at: datetime
+
+
+class ReportParams(MutatingParams, kw_only=True):
+    """Report this device's observations; the whole batch is stored or none of it."""
+
+    observations: Annotated[list[Observation], Meta(min_length=1, max_length=MAX_OBSERVATIONS)]
+
+
+class ReportResult(Result, kw_only=True):
+    accepted: int
