@@ -123,7 +123,13 @@ def _unmasked_average(
     bits, d = config["modulus_bits"], config["dimension"]
     total = masking.sum_vectors(_masked_vectors(storage, vectors, bits, d), bits)
     plain = masking.unmask(total, found.self_seeds, found.dropped_pairs, bits)
-    mean, weight = quantize.dequantize(plain, spec_of(config))
+    spec = spec_of(config)
+    if config.get("l2_norm_bound") is None:
+        mean, weight = quantize.dequantize(plain, spec)
+    else:
+        # Central DP: the folded sum of weight-1 updates, over the survivors the server counted.
+        weight = len(vectors)
+        mean = quantize.dp_sum(plain, weight, spec) / weight
     manifest = manifest_from_json(base.manifest)
     base_state = decode_state_dict(base_bytes, "safetensors", field="base weights")
     state = unflatten(mean.astype(np.float32), manifest, base_state)

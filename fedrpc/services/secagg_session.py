@@ -124,7 +124,14 @@ def _initial_config(session_id: str, target: Target) -> dict[str, Any]:
             # DP-FedAvg weighs every device alike and bounds each one's L2 norm by C.
             clip, max_weight = dp["clipping_norm"], 1
             norm_bound = quantize.l2_norm_bound(clip, bits, dimension)
-        spec = quantize.make_spec(max(target.selected_count, 3), clip, bits, max_weight)
+        # DP sums are folded (quantize.dp_sum): honest sums must stay within half the modulus.
+        headroom = 1 if dp is None else 2
+        spec = quantize.make_spec(headroom * max(target.selected_count, 3), clip, bits, max_weight)
+        if dp is not None and spec.modulus_bits != 32:
+            raise InvalidInput(
+                f"a DP round of {target.selected_count} devices at {bits} quantization bits "
+                "needs more than a 32-bit modulus; lower quantization_bits"
+            )
     except InvalidInput as exc:
         raise PreconditionFailed(f"the round's secure_aggregation cannot run: {exc}") from None
     threshold = sc["threshold"]

@@ -481,3 +481,52 @@ def test_other_bad_unmask_requests_are_refused(survivors, dropped):
 
 def test_a_proper_unmask_request_passes():
     protocol.check_unmask_request(1, [2, 3, 4], survivors=[2, 4], dropped=[3])
+
+
+def _dp_spec(n: int = 20, bits: int = 12):
+    return quantize.make_spec(2 * n, 0.5, bits, 1)
+
+
+def test_the_dp_sum_of_honest_updates_is_their_dequantized_sum():
+    spec, rng = _dp_spec(), np.random.default_rng(11)
+    xs = [rng.uniform(-0.5, 0.5, 1000) for _ in range(20)]
+    words = [quantize.quantize(x, 1, spec, rng) for x in xs]
+    total = masking.sum_vectors(words, 32)
+    want = sum(w[:-1].astype(np.float64) * spec.step - spec.clip for w in words)
+    np.testing.assert_allclose(quantize.dp_sum(total, 20, spec), want, rtol=1e-12, atol=1e-12)
+
+
+def test_no_other_vectors_make_one_device_move_the_dp_sum_more_than_its_own_update():
+    spec, rng = _dp_spec(), np.random.default_rng(12)
+    m = 1 << 32
+    for _ in range(20):
+        # Anything the other 19 send (weight words kept right), with or without device v.
+        others = rng.integers(0, m, 1001, dtype=np.uint64).astype(np.uint32)
+        v = quantize.quantize(rng.uniform(-0.5, 0.5, 1000), 1, spec, rng)
+        others[-1] = 19
+        with_v = quantize.dp_sum(masking.sum_vectors([others, v], 32), 20, spec)
+        without = quantize.dp_sum(others, 19, spec)
+        own = v[:-1].astype(np.float64) * spec.step - spec.clip
+        assert np.all(np.abs(with_v - without) <= np.abs(own) + 1e-8)  # float64 at ~1e5
+
+
+def test_a_dp_sum_whose_weights_do_not_add_up_is_refused():
+    spec = _dp_spec()
+    total = np.zeros(11, dtype=np.uint32)
+    total[-1] = 21
+    with pytest.raises(InvalidInput, match="weight other than 1"):
+        quantize.dp_sum(total, 20, spec)
+
+
+@pytest.mark.parametrize("z0", [(1 << 32) - 1, -(1 << 32) + 1, (1 << 31) + 1, -(1 << 31) - 1, 1])
+def test_the_dp_sum_does_not_jump_where_a_plain_reading_of_the_modulus_wraps(z0):
+    # Other vectors that put the doubled, centred sum at z0: at the wrap (+-M) and the fold.
+    spec, rng = _dp_spec(), np.random.default_rng(13)
+    s = ((z0 + 19 * spec.levels) // 2) % (1 << 32)
+    others = np.full(1001, s, dtype=np.uint32)
+    others[-1] = 19
+    v = quantize.quantize(rng.uniform(-0.5, 0.5, 1000), 1, spec, rng)
+    with_v = quantize.dp_sum(masking.sum_vectors([others, v], 32), 20, spec)
+    own = v[:-1].astype(np.float64) * spec.step - spec.clip
+    moved = with_v - quantize.dp_sum(others, 19, spec)
+    assert np.all(np.abs(moved) <= np.abs(own) + 1e-8)

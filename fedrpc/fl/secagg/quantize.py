@@ -26,6 +26,7 @@ __all__ = [
     "capped_weight",
     "choose_modulus_bits",
     "clip_l2",
+    "dp_sum",
     "dequantize",
     "error_bound",
     "l2_norm_bound",
@@ -253,3 +254,36 @@ def clip_l2(update: np.ndarray, bound: float) -> np.ndarray:
         raise InvalidInput("update has NaN or infinite values")
     # The margin absorbs the rounding of the scaling itself.
     return x * (bound / norm * (1 - 2.0**-40)) if norm > bound else x
+
+
+def dp_sum(total: np.ndarray, count: int, spec: QuantSpec) -> np.ndarray:
+    """The sum of ``count`` weight-1 dequantized updates, through a fold no device can exploit.
+
+    Central DP on a secure round needs the released sum to move by at most one
+    honest device's norm when that device is added or removed, whatever the
+    other devices send. A plain dequantization of the modular sum does not: a
+    hostile vector can make it wrap exactly where the honest sum is negative,
+    a jump of ``M`` steps. So the sum is read in doubled, centred units,
+    ``Z = 2 S - count L`` modulo ``2M`` (one device adds exactly ``2 q_i - L``,
+    its dequantized update over ``c / L``), and folded by the triangle wave of
+    period ``2M`` that is the identity on ``[-M/2, M/2]``: 1-Lipschitz on the
+    circle, so no sum of other vectors makes it jump, and exact for honest
+    sums, which the session's capacity (``2 n L <= M - 1``) keeps within it.
+    Only ``b = 32`` (exact in int64); the weight word must equal ``count``.
+    """
+    total = np.asarray(total)
+    if spec.modulus_bits != 32 or total.dtype != spec.dtype or total.ndim != 1:
+        raise InvalidInput("a DP sum needs the 32-bit modulus and its 1-d uint32 sum")
+    if spec.max_weight != 1 or int(total[-1]) != count:
+        raise InvalidInput(
+            f"the weights add up to {int(total[-1])}, not to the {count} survivors: "
+            "a device sent a weight other than 1"
+        )
+    m = 1 << 32
+    z = total[:-1].astype(np.int64) * 2 - count * spec.levels
+    z %= 2 * m  # in [0, 2M)
+    z[z >= m] -= 2 * m  # in [-M, M)
+    upper, lower = z > m // 2, z < -(m // 2)
+    z[upper] = m - z[upper]
+    z[lower] = -m - z[lower]
+    return z.astype(np.float64) * (spec.clip / spec.levels)
