@@ -86,12 +86,26 @@ async def _read(ctx: Context, field: str, upload: Upload) -> bytes:
     return data
 
 
+def _check_size(field: str, size: int, expected: int | None) -> None:
+    if expected is not None and size != expected:
+        raise BadRequest(
+            f"{field}: {size} bytes where {expected} are expected", field=field, size_bytes=expected
+        )
+
+
 @asynccontextmanager
 async def payload_bytes(
-    ctx: Context, payloads: dict[str, Payload], purpose: str
+    ctx: Context,
+    payloads: dict[str, Payload],
+    purpose: str,
+    sizes: dict[str, int] | None = None,
 ) -> AsyncIterator[dict[str, bytes]]:
-    """The bytes of each named payload; uploads are claimed for the duration of the block."""
+    """The bytes of each named payload; uploads are claimed for the duration of the block.
+
+    ``sizes``: the exact length a payload must have, checked against an upload's
+    declared size before a byte of it is read."""
     claimed: list[Upload] = []
+    sizes = sizes or {}
     try:
         blobs: dict[str, bytes] = {}
         for field, payload in payloads.items():
@@ -100,9 +114,11 @@ async def payload_bytes(
             if payload.data is not None:
                 if not payload.data:
                     raise BadRequest(f"{field}: data is empty", field=field)
+                _check_size(field, len(payload.data), sizes.get(field))
                 blobs[field] = payload.data
                 continue
             claimed.append(await _claim(ctx, field, payload.upload_id, purpose))
+            _check_size(field, claimed[-1].size_bytes, sizes.get(field))
             blobs[field] = await _read(ctx, field, claimed[-1])
         yield blobs
     except BaseException:

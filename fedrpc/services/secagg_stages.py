@@ -210,6 +210,31 @@ async def _completed(tx: Database, v: View, device_id: str, stage: str) -> None:
     )
 
 
+async def vector_size(
+    db: Database, round_id: str, device_id: str, org_id: str, session_id: str
+) -> int:
+    """The exact byte length of this device's masked vector, once the policy lets it take part
+    in the round's session: checked before any upload of it is read."""
+    await sess.open_target(db, round_id, device_id, org_id)
+    cfg = await db.get(
+        "training.secagg.find_session_config",
+        _Config,
+        round_id=round_id,
+        session_id=session_id,
+        missing="no SecAgg+ session with this id for the round",
+    )
+    return vector_bytes(cfg.config)
+
+
+class _Config(msgspec.Struct):
+    config: dict
+
+
+def vector_bytes(config: dict) -> int:
+    """``(d + 1) * b / 8``: the masked vector's wire length."""
+    return (config["dimension"] + 1) * config["modulus_bits"] // 8
+
+
 async def masked_vectors(
     db: Database,
     storage: Storage,
@@ -237,7 +262,7 @@ async def masked_vectors(
             if v.session.stage != "masked_vectors":
                 raise sess.wrong_stage(v.session, "masked_vectors")
             cfg = v.session.config
-            size = (cfg["dimension"] + 1) * cfg["modulus_bits"] // 8
+            size = vector_bytes(cfg)
             if len(data) != size:
                 raise BadRequest(
                     f"the masked vector must be {size} bytes: d + 1 words of "

@@ -66,8 +66,10 @@ async def masked_vectors(ctx: Context, p: MaskedVectorsParams) -> MaskedVectorsR
     stage = (ctx.db, ctx.storage, p.round_id, ctx.device_id, ctx.org_id, p.session_id)
     if p.upload_id is not None and (replayed := await used_upload_sha256(ctx, p.upload_id)):
         return await secagg_stages.masked_vectors(*stage, None, replayed)
+    # Who may call and how long the vector is, before a byte of an upload is read.
+    size = await secagg_stages.vector_size(*stage[:1], *stage[2:])
     vector = {"masked_vector": Payload(data=p.masked_vector, upload_id=p.upload_id)}
-    async with payload_bytes(ctx, vector, "secagg_vector") as blobs:
+    async with payload_bytes(ctx, vector, "secagg_vector", {"masked_vector": size}) as blobs:
         data = blobs["masked_vector"]
         return await secagg_stages.masked_vectors(*stage, data, hashlib.sha256(data).hexdigest())
 

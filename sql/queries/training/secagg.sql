@@ -33,6 +33,10 @@ FROM secagg_sessions AS s JOIN training_rounds AS r ON r.id = s.round_id
 WHERE s.round_id = %(round_id)s
 FOR UPDATE OF s;
 
+-- name: find_session_config
+-- A session's config, if it is the round's (read without the lock, to check a call before its payload is read).
+SELECT config FROM secagg_sessions WHERE round_id = %(round_id)s AND id = %(session_id)s;
+
 -- name: update_session_stage
 -- Move a session to its next stage with a fresh stage deadline, never after the round's (and, at stage 0's close, its seed and final config).
 UPDATE secagg_sessions AS s
