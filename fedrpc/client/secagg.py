@@ -84,6 +84,7 @@ class SecAggDevice:
         self.survivors: list[int] | None = None
         self.dropped: list[int] | None = None
         self._masked: bytes | None = None
+        self.released: set[tuple[int, str]] = set()  # (neighbour, "self" | "key") given out
 
     # -- stage 0 ------------------------------------------------------------------------------
 
@@ -226,10 +227,15 @@ class SecAggDevice:
         }
 
     def read_masked_vectors(self, result: Mapping[str, Any]) -> bool:
-        """True once stage 2 closed: the unmask request is then known."""
+        """True once stage 2 closed: the unmask request is then known, and fixed: a later answer
+        that asks otherwise is refused (a server switching a neighbour between the lists
+        across polls would collect both of its secrets)."""
         if result.get("survivors") is None:
             return False
-        self.survivors, self.dropped = list(result["survivors"]), list(result["dropped"])
+        request = list(result["survivors"]), list(result["dropped"])
+        if self.survivors is not None and (self.survivors, self.dropped) != request:
+            raise InvalidInput("the server changed its unmask request; never-both forbids it")
+        self.survivors, self.dropped = request
         return True
 
     # -- stage 3 ------------------------------------------------------------------------------
@@ -241,6 +247,11 @@ class SecAggDevice:
         survivors = self.survivors if survivors is None else survivors
         dropped = self.dropped if dropped is None else dropped
         protocol.check_unmask_request(self.index, self.neighbours, survivors, dropped)
+        # Never both across calls too: a secret released for j rules out j's other one.
+        asked = {(j, "self") for j in survivors} | {(j, "key") for j in dropped}
+        if any((j, "key" if kind == "self" else "self") in self.released for j, kind in asked):
+            raise InvalidInput("never both: this device already gave the other secret of one")
+        self.released |= {(j, kind) for j, kind in asked if j in self.held}
         shares = [
             {"owner": j, "kind": "self", "share": _b64(self.held[j][0])}
             for j in survivors

@@ -364,6 +364,13 @@ def counts_visible(dp_config: dict | None) -> bool:
     return dp_config is None
 
 
+def weight_visible(dp_config: dict | None, federation_id: str | None) -> bool:
+    """Whether a live total of sample counts may be shown: not on a round whose counts are
+    hidden, nor on a federation round, where an organization subtracting its own devices'
+    counts from it would learn another organization's device's."""
+    return counts_visible(dp_config) and federation_id is None
+
+
 def counts_as_seen_by(ctx: Context, rnd: Round, counts: list[OrgParticipation]) -> list:
     """Per-organization counts of a round an organization may see. A private round's counts
     are not noised, and whether another organization's device was drawn is exactly what its
@@ -382,7 +389,7 @@ def progress_as_seen_by(rnd: Round, progress: Progress) -> Progress:
         return msgspec.structs.replace(
             progress, selected_count=None, received_count=None, total_samples=None
         )
-    if rnd.federation_id is not None:
+    if not weight_visible(rnd.dp_config, rnd.federation_id):
         return msgspec.structs.replace(progress, total_samples=None)
     return progress
 

@@ -235,8 +235,16 @@ async def _fail(db: Database, session: Session, reason: str) -> None:
     await db.run("training.secagg.update_round_due_now", round_id=session.round_id)
 
 
+def _private(s: Session) -> bool:
+    # A DP round's device counts are shown to nobody (policy.counts_visible): nor in reasons.
+    return s.config.get("l2_norm_bound") is not None
+
+
 async def _fail_short(db: Database, s: Session, what: str, have: int, minimum: int) -> None:
     late = "the round's deadline passed and " if s.round_past_deadline else ""
+    if _private(s):
+        await _fail(db, s, f"{late}{what} closed with fewer devices than the session needs")
+        return
     await _fail(db, s, f"{late}{what} closed with {have} devices; the session needs {minimum}")
 
 
@@ -292,7 +300,8 @@ async def _close_setup(db: Database, v: View) -> None:
     n, t = len(ordered), cfg["threshold"]
     k = graph.effective_degree(n, cfg["requested_neighbours"] or graph.default_parameters(n).k)
     if t > k:
-        await _fail(db, s, f"the threshold {t} is above the {k} neighbours each device has")
+        told = "" if _private(s) else f" {k}"
+        await _fail(db, s, f"the threshold {t} is above the{told} neighbours each device has")
         return
     await db.run(
         "training.secagg.update_participant_indices",

@@ -16,7 +16,7 @@ from fedrpc.errors import BadRequest, Conflict, PreconditionFailed
 from fedrpc.fl import InvalidInput
 from fedrpc.fl.secagg import keys, shamir
 from fedrpc.services import secagg_session as sess
-from fedrpc.services.policy import counts_visible
+from fedrpc.services.policy import counts_visible, weight_visible
 from fedrpc.services.secagg_session import View
 from fedrpc.storage import Storage
 from schemas.training.secagg import (
@@ -420,5 +420,6 @@ async def status(db: Database, storage: Storage, round_id: str, org_id: str) -> 
             setup=counts[0], share_keys=counts[1], masked_vectors=counts[2], unmask=counts[3]
         )
         answer.survivors_count, answer.dropped_count = len(alive), len(gone)
+    if weight_visible(target.dp_config, target.federation_id):
         answer.total_weight = s.total_weight
     return answer

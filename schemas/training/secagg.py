@@ -63,7 +63,6 @@ class SessionConfig(Result, kw_only=True):
     dimension: Annotated[int, Meta(description="d: parameters masked (plus one weight word).")]
     tensors: list[TensorShape]
     threshold: int
-    max_devices: int
     devices: int | None = None  # n, once stage 0 closed
     neighbours: int | None = None  # k, once stage 0 closed
 
