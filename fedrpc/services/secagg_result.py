@@ -12,6 +12,7 @@ average as safetensors (the round's update format) with their total weight:
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,8 @@ from fedrpc.storage import Storage
 
 if TYPE_CHECKING:
     from fedrpc.services.secagg_session import Participant, Session, Target
+
+log = logging.getLogger("fedrpc.secagg")
 
 #: Masked vectors fetched from S3 ahead of the sum.
 _PREFETCH = 4
@@ -67,11 +70,17 @@ class _Base(msgspec.Struct):
     weights_key: str
 
 
+class Failure(msgspec.Struct):
+    reason: str
+    may_wait: bool  # more stage-3 shares could still make it succeed
+
+
 class Secrets(msgspec.Struct):
     """What unmasking needs besides the vectors: reconstructed seeds and the dropped pairs."""
 
     self_seeds: list[bytes]
     dropped_pairs: list[tuple[int, int, bytes]]
+    wrong_holders: list[int]  # indices whose stage-3 shares disagreed with the others
 
 
 def recover_secrets(
@@ -85,11 +94,13 @@ def recover_secrets(
     """Rebuild each survivor's self-mask seed and each dropped device's pairwise seeds with its
     surviving neighbours from ``t`` Shamir shares each (pure; worker thread)."""
     alive = sorted(survivor_pk1)
-    b_of = shamir.combine_many([shares[("self", i)] for i in alive], threshold)
+    # recover_many: a wrong share among spares is outvoted, not fatal (one liar, one session).
+    b_of, wrong = shamir.recover_many([shares[("self", i)] for i in alive], threshold)
     sk_of = {}
     if dropped:
-        sets = [shares[("key", j)] for j in dropped]
-        sk_of = dict(zip(dropped, shamir.combine_many(sets, threshold), strict=True))
+        keys_of, wrong_keys = shamir.recover_many([shares[("key", j)] for j in dropped], threshold)
+        sk_of = dict(zip(dropped, keys_of, strict=True))
+        wrong += wrong_keys
     pairs = [
         (i, j, keys.pairwise_mask_seed(keys.agree(sk_of[j], survivor_pk1[i]), session_id, i, j))
         for j in dropped
@@ -97,7 +108,7 @@ def recover_secrets(
         if i in survivor_pk1
     ]
     selfs = [keys.self_mask_seed(b, session_id, i) for i, b in zip(alive, b_of, strict=True)]
-    return Secrets(selfs, pairs)
+    return Secrets(selfs, pairs, sorted({x for xs in wrong for x in xs}))
 
 
 def _masked_vectors(storage: Storage, rows: list[_Vector], bits: int, d: int) -> Iterator:
@@ -144,10 +155,11 @@ async def finish(
     completers: dict[int, Participant],
     survivors: dict[int, Participant],
     target: Target,
-) -> str | None:
+) -> Failure | None:
     """Every needed secret has ``t`` shares: compute, store and record the session's result.
 
-    Returns why the session fails instead, if the shares or vectors do not add up.
+    Returns why it could not instead: shares that do not add up (``may_wait``:
+    more shares may outvote a wrong one), or vectors that do not.
     """
     rows = await db.all("training.secagg.list_shares", _Share, session_id=s.id)
     shares: dict[tuple[str, int], dict[int, bytes]] = {}
@@ -164,7 +176,6 @@ async def finish(
         version=target.base_version,
         missing="the base version is gone",
     )
-    base_bytes = await storage.get(base.weights_key)
     dropped = sorted(set(completers) - set(survivors))
     try:
         found = await asyncio.to_thread(
@@ -176,11 +187,22 @@ async def finish(
             dropped,
             shares,
         )
+    except InvalidInput as exc:
+        return Failure(f"unmasking failed: {exc}", may_wait=True)
+    base_bytes = await storage.get(base.weights_key)
+    try:
         data, weight = await asyncio.to_thread(
             _unmasked_average, storage, s.config, vectors, found, base, base_bytes
         )
     except InvalidInput as exc:
-        return f"unmasking failed: {exc}"
+        return Failure(f"unmasking failed: {exc}", may_wait=False)
+    if found.wrong_holders:
+        log.warning(
+            "SecAgg+ session %s: stage-3 shares of device indices %s disagreed with the others "
+            "and were outvoted",
+            s.id,
+            found.wrong_holders,
+        )
     stored = await storage.put(f"secagg/{s.round_id}/{s.id}/mean.safetensors", data)
     await db.run(
         "training.secagg.update_session_completed",

@@ -338,13 +338,16 @@ async def _try_unmask(db: Database, storage: Storage, v: View, target: Target) -
     completers, survivors = v.indexed(1), v.indexed(2)
     # Each needed secret: the survivors' self-mask secrets, the dropped completers' mask keys.
     short = [p for p in completers.values() if p.received < t]
+    everyone_answered = len(v.indexed(3)) == len(survivors)
     if not short:
         failure = await secagg_result.finish(db, storage, s, v.nbrs, completers, survivors, target)
-        if failure is not None:
-            await _fail(db, s, failure)
+        if failure is None:
+            return True
+        if failure.may_wait and not (everyone_answered or s.past_deadline):
+            return False  # a wrong share: the answers still to come may outvote it
+        await _fail(db, s, failure.reason)
         return True
     hopeless = [p for p in short if p.received + p.holders - p.asked < t]
-    everyone_answered = len(v.indexed(3)) == len(survivors)
     if hopeless or s.past_deadline or everyone_answered:
         owner = (hopeless or short)[0]
         what = "self-mask secret" if owner.idx in survivors else "mask key"

@@ -530,3 +530,35 @@ def test_the_dp_sum_does_not_jump_where_a_plain_reading_of_the_modulus_wraps(z0)
     own = v[:-1].astype(np.float64) * spec.step - spec.clip
     moved = with_v - quantize.dp_sum(others, 19, spec)
     assert np.all(np.abs(moved) <= np.abs(own) + 1e-8)
+
+
+def _shares_of(secret: bytes, xs: list[int], t: int, seed: int) -> dict[int, bytes]:
+    return dict(zip(xs, shamir.split(secret, xs, t, _rand(seed)), strict=True))
+
+
+def test_a_wrong_share_among_spares_is_outvoted_and_named():
+    secret = bytes(range(32))
+    xs = [2, 3, 5, 7, 11, 13, 17]
+    shares = _shares_of(secret, xs, 4, 1)
+    # A liar shifts its share so the t lowest still give a plausible 32-byte value.
+    lied = dict(shares)
+    lied[2] = ((int.from_bytes(shares[2], "big") + 1) % shamir.PRIME).to_bytes(66, "big")
+    assert shamir.combine(lied, 4) != secret  # the plain combine is fooled
+
+    (got,), (wrong,) = shamir.recover_many([lied], 4)
+
+    assert got == secret and wrong == [2]
+
+
+def test_recover_many_matches_combine_many_on_honest_shares_and_refuses_a_lost_cause():
+    r = random.Random(3)
+    secrets_ = [r.randbytes(32) for _ in range(20)]
+    sets = [_shares_of(s, r.sample(range(1, 60), 9), 5, i) for i, s in enumerate(secrets_)]
+    got, wrong = shamir.recover_many(sets, 5)
+    assert got == secrets_ == shamir.combine_many(sets, 5) and wrong == [[]] * 20
+    # 9 shares, t = 5: decoding needs 7 to agree; with 3 wrong, no polynomial has them.
+    bad = dict(sets[0])
+    for x in sorted(bad)[:3]:
+        bad[x] = r.randbytes(65).rjust(66, b"\0")
+    with pytest.raises(InvalidInput, match="too few agree"):
+        shamir.recover_many([bad], 5)

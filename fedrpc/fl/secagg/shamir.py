@@ -18,11 +18,20 @@ secret has its own set of holders, and about 10 ms when they share one.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Mapping, Sequence
 
 from fedrpc.fl._errors import InvalidInput
 
-__all__ = ["PRIME", "SECRET_BYTES", "SHARE_BYTES", "combine", "combine_many", "split"]
+__all__ = [
+    "PRIME",
+    "SECRET_BYTES",
+    "SHARE_BYTES",
+    "combine",
+    "combine_many",
+    "recover_many",
+    "split",
+]
 
 PRIME = 2**521 - 1
 SECRET_BYTES = 32
@@ -83,20 +92,23 @@ def split(
     return shares
 
 
-def _lagrange_weights(xsets: Sequence[tuple[int, ...]]) -> list[list[int]]:
-    """Weights ``l_m`` with ``f(0) = sum l_m f(x_m)`` for each x set (any degree < len(xs)).
+def _lagrange_weights(
+    xsets: Sequence[tuple[int, ...]], points: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Weights ``l_m`` with ``f(z) = sum l_m f(x_m)`` for each x set (any degree < len(xs)),
+    at ``z = 0`` or at the given point of each set (a point outside its set).
 
-    ``l_m = prod_{o != m} x_o / (x_o - x_m)``. All denominators of all sets are
-    inverted together (Montgomery's batch trick: one ``pow(., -1, p)``), and
+    ``l_m = prod_{o != m} (z - x_o) / (x_m - x_o)``. All denominators of all sets
+    are inverted together (Montgomery's batch trick: one ``pow(., -1, p)``), and
     products are reduced with the Mersenne identity ``2^521 = 1 (mod p)``,
     leaving values a few bits above ``p`` that the final sum reduces fully.
     """
     nums, dens = [], []
-    for xs in xsets:
-        whole = math.prod(xs)
+    for i, xs in enumerate(xsets):
+        z = 0 if points is None else points[i]
         for xm in xs:
-            nums.append(whole // xm % PRIME)
-            dens.append(math.prod([xo - xm for xo in xs if xo != xm]) % PRIME)
+            nums.append(math.prod([z - xo for xo in xs if xo != xm]) % PRIME)
+            dens.append(math.prod([xm - xo for xo in xs if xo != xm]) % PRIME)
     prefix = [1]
     acc = 1
     for d in dens:
@@ -152,6 +164,76 @@ def combine(shares: Mapping[int, bytes], t: int) -> bytes:
     """
     xs, ys = _pick(shares, t)
     return _secret(_lagrange_weights([xs])[0], ys)
+
+
+def _y(shares: Mapping[int, bytes], x: int) -> int:
+    y = int.from_bytes(shares[x], "big")
+    if len(shares[x]) != SHARE_BYTES or y >= PRIME:
+        raise InvalidInput("share is not a field element")
+    return y
+
+
+def _value(weights: list[int], ys: list[int]) -> int:
+    return sum(w * y for w, y in zip(weights, ys, strict=True)) % PRIME
+
+
+def _decode(shares: Mapping[int, bytes], t: int, seed: int, attempts: int) -> tuple[bytes, list]:
+    """Search t-subsets for the polynomial that at least ``(r + t) / 2`` (and ``t + 1``) of the
+    ``r`` shares agree with (unique if it exists); its secret and the holders that disagree."""
+    xs_all = sorted(shares)
+    ys = {x: _y(shares, x) for x in xs_all}
+    # Two polynomials of degree < t agreeing with a shares each share 2a - r >= t points
+    # (so are one) once a >= (r + t) / 2.
+    need = max(t + 1, (len(xs_all) + t + 1) // 2)
+    order = random.Random(seed)  # any order of subsets finds the same unique polynomial
+    for _ in range(attempts):
+        subset = tuple(sorted(order.sample(xs_all, t)))
+        others = [x for x in xs_all if x not in subset]
+        weights = _lagrange_weights([subset] * (len(others) + 1), [0, *others])
+        sub_ys = [ys[x] for x in subset]
+        secret = _value(weights[0], sub_ys)
+        wrong = [x for x, w in zip(others, weights[1:], strict=True) if _value(w, sub_ys) != ys[x]]
+        if secret < 2 ** (8 * SECRET_BYTES) and len(xs_all) - len(wrong) >= need:
+            return secret.to_bytes(SECRET_BYTES, "big"), wrong
+    raise InvalidInput("shares are inconsistent and too few agree to find the secret")
+
+
+def recover_many(
+    share_sets: Sequence[Mapping[int, bytes]], t: int, attempts: int = 200
+) -> tuple[list[bytes], list[list[int]]]:
+    """Like :func:`combine_many`, but a wrong share does not lose the secret when there are
+    spare shares: each secret from the ``t`` lowest ``x`` is checked against the next share;
+    where it is inconsistent or disagrees, the shares are decoded (at least ``(r + t) / 2``
+    of the ``r`` must agree). Returns the secrets and, per secret, the ``x`` of wrong shares.
+
+    The one-share check finds any single wrong share with certainty (a change of one
+    share moves the interpolated value at every other point); several holders colluding
+    can still shift a secret unnoticed, which corrupts the result but reveals nothing.
+    """
+    picked = [_pick(shares, t) for shares in share_sets]
+    zero = _lagrange_weights([xs for xs, _ in picked])
+    spare = [
+        (i, xs, next(x for x in sorted(shares) if x not in xs))
+        for i, ((xs, _), shares) in enumerate(zip(picked, share_sets, strict=True))
+        if len(shares) > t
+    ]
+    at_spare = _lagrange_weights([xs for _, xs, _ in spare], [x for _, _, x in spare])
+    suspect = {
+        i
+        for (i, _, x), w in zip(spare, at_spare, strict=True)
+        if _value(w, picked[i][1]) != _y(share_sets[i], x)
+    }
+    out, bad = [], []
+    for i, ((_, ys), w) in enumerate(zip(picked, zero, strict=True)):
+        secret = _value(w, ys)
+        if i in suspect or secret >= 2 ** (8 * SECRET_BYTES):
+            found, wrong = _decode(share_sets[i], t, seed=i, attempts=attempts)
+            out.append(found)
+            bad.append(wrong)
+            continue
+        out.append(secret.to_bytes(SECRET_BYTES, "big"))
+        bad.append([])
+    return out, bad
 
 
 def combine_many(share_sets: Sequence[Mapping[int, bytes]], t: int) -> list[bytes]:
