@@ -134,7 +134,7 @@ def _initial_config(session_id: str, target: Target) -> dict[str, Any]:
             )
     except InvalidInput as exc:
         raise PreconditionFailed(f"the round's secure_aggregation cannot run: {exc}") from None
-    threshold = sc["threshold"]
+    threshold = sc.get("threshold")
     return {
         "session_id": session_id,
         **fl_secagg.PRIMITIVES,
@@ -149,8 +149,32 @@ def _initial_config(session_id: str, target: Target) -> dict[str, Any]:
         "threshold": threshold,
         "max_devices": target.selected_count,
         "requested_neighbours": sc.get("neighbours"),
-        "min_survivors": sc.get("min_survivors") or max(3, threshold, target.min_updates),
+        "dropout_fraction": sc.get("dropout_fraction", 1 / 3),
+        "corruption_fraction": sc.get("corruption_fraction", 0.05),
+        "min_updates": target.min_updates,
+        "min_survivors": sc.get("min_survivors"),
     }
+
+
+def minimum_of(cfg: dict[str, Any]) -> int:
+    """The fewest devices a stage may close with: as configured, else max(3, t, min_updates)
+    (``t`` as far as known: before stage 0 closes a default ``t`` is not chosen yet)."""
+    if cfg.get("min_survivors"):
+        return cfg["min_survivors"]
+    return max(3, cfg.get("threshold") or 2, cfg.get("min_updates", 1))
+
+
+def graph_of(n: int, cfg: dict[str, Any]) -> tuple[int, int]:
+    """``(k, t)`` for ``n`` devices: as configured, else the defaults for the session's
+    tolerated dropout and collusion (graph.default_parameters). A ``k`` given without ``t``
+    takes a majority of the neighbours, ``t = k // 2 + 1``."""
+    params = graph.default_parameters(
+        n, cfg.get("dropout_fraction", 1 / 3), cfg.get("corruption_fraction", 0.05)
+    )
+    requested = cfg.get("requested_neighbours")
+    k = graph.effective_degree(n, requested or params.k)
+    t = cfg.get("threshold") or (k // 2 + 1 if requested else min(params.t, k))
+    return k, t
 
 
 async def open_target(db: Database, round_id: str, device_id: str, org_id: str) -> Target:
@@ -269,7 +293,7 @@ async def advance(db: Database, storage: Storage, v: View, target: Target) -> Vi
 
 async def _close_step(db: Database, storage: Storage, v: View, target: Target) -> bool:
     s, cfg = v.session, v.session.config
-    minimum = cfg["min_survivors"]
+    minimum = minimum_of(cfg)
     if s.stage == "setup":
         n = len(v.parts)
         if n < target.selected_count and not s.past_deadline:
@@ -297,8 +321,8 @@ async def _close_step(db: Database, storage: Storage, v: View, target: Target) -
 async def _close_setup(db: Database, v: View) -> None:
     s, cfg = v.session, dict(v.session.config)
     ordered = sorted(v.parts, key=lambda p: p.device_id.encode())
-    n, t = len(ordered), cfg["threshold"]
-    k = graph.effective_degree(n, cfg["requested_neighbours"] or graph.default_parameters(n).k)
+    n = len(ordered)
+    k, t = graph_of(n, cfg)
     if t > k:
         told = "" if _private(s) else f" {k}"
         await _fail(db, s, f"the threshold {t} is above the{told} neighbours each device has")
@@ -309,7 +333,7 @@ async def _close_setup(db: Database, v: View) -> None:
         device_ids=[p.device_id for p in ordered],
         indices=list(range(1, n + 1)),
     )
-    cfg.update(devices=n, neighbours=k)
+    cfg.update(devices=n, neighbours=k, threshold=t)
     await _next(db, s, "share_keys", seed=secrets.token_bytes(32), config=cfg)
 
 

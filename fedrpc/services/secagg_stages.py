@@ -391,7 +391,7 @@ async def status(db: Database, storage: Storage, round_id: str, org_id: str) -> 
             return Status(
                 round_id=round_id,
                 stage="not_started",
-                threshold=target.secagg_config["threshold"],
+                threshold=target.secagg_config.get("threshold"),
                 survivors=[],
                 dropped=[],
             )
@@ -408,7 +408,7 @@ async def status(db: Database, storage: Storage, round_id: str, org_id: str) -> 
         round_id=s.round_id,
         stage=s.stage,
         stage_deadline=s.stage_deadline,
-        threshold=cfg["threshold"],
+        threshold=cfg.get("threshold"),
         survivors=sorted(p.device_id for p in alive if p.org_id == org_id),
         dropped=sorted(p.device_id for p in gone if p.org_id == org_id),
         failure_reason=s.failure_reason,

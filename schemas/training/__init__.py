@@ -63,16 +63,33 @@ class DpConfig(Params, kw_only=True):
 
 
 class SecAggConfig(Params, kw_only=True):
-    """SecAgg+ parameters (docs/secagg.md); k defaults from the cohort size."""
+    """SecAgg+ parameters (docs/secagg.md); k and t default from the cohort size and the
+    tolerated dropout and collusion fractions."""
 
-    threshold: Annotated[int, Meta(ge=2)]
+    threshold: (
+        Annotated[
+            int,
+            Meta(ge=2, description="Shamir threshold t; default from the cohort (docs/secagg.md)."),
+        ]
+        | None
+    ) = None
     neighbours: Annotated[int, Meta(ge=2)] | None = None
+    dropout_fraction: Annotated[
+        float, Meta(ge=0, le=0.9, description="Share of devices the defaults tolerate dropping.")
+    ] = 1 / 3
+    corruption_fraction: Annotated[
+        float, Meta(ge=0, le=0.5, description="Share of colluding devices the defaults resist.")
+    ] = 0.05
     stage_seconds: Annotated[
         int, Meta(ge=1, le=86400, description="Deadline of each SecAgg+ stage.")
     ] = 300
     min_survivors: (
         Annotated[
-            int, Meta(ge=3, description="Fewest devices a stage may end with (default max(3, t)).")
+            int,
+            Meta(
+                ge=3,
+                description="Fewest devices a stage may end with (default max(3, t, min_updates)).",
+            ),
         ]
         | None
     ) = None

@@ -62,7 +62,7 @@ class SessionConfig(Result, kw_only=True):
     modulus_bits: int
     dimension: Annotated[int, Meta(description="d: parameters masked (plus one weight word).")]
     tensors: list[TensorShape]
-    threshold: int
+    threshold: int | None = None  # t: given with the round, or chosen when stage 0 closes
     devices: int | None = None  # n, once stage 0 closed
     neighbours: int | None = None  # k, once stage 0 closed
 
@@ -175,7 +175,7 @@ class Status(Result, kw_only=True):
     round_id: str
     # not_started until the first training.secagg.setup call starts the session.
     stage: SessionStage | Literal["not_started"]
-    threshold: int
+    threshold: int | None = None  # None until stage 0 closes, when it is the default
     session_id: str | None = None
     stage_deadline: datetime | None = None
     # Counts are left out on a round with differential_privacy (who was drawn stays secret).

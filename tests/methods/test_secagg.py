@@ -69,7 +69,7 @@ async def secure_round(
     model,
     net,
     n: int = N,
-    t: int = T,
+    t: int | None = T,
     federation_id: str | None = None,
     known: dict[str, str] | None = None,
     round_params: dict | None = None,
@@ -85,7 +85,11 @@ async def secure_round(
         "base_version": 1,
         "target_device_count": n,
         "update_format": "delta",
-        "secure_aggregation": {"threshold": t, "stage_seconds": 600, **secagg},
+        "secure_aggregation": {
+            **({} if t is None else {"threshold": t}),
+            "stage_seconds": 600,
+            **secagg,
+        },
     }
     if federation_id:
         params |= {"federation_id": federation_id, "min_updates": 2}

@@ -198,3 +198,21 @@ async def test_a_device_that_is_not_a_participant_cannot_replay_another_session(
     }
     err = await client.error("training.secagg.masked_vectors", params, outsider["token"])
     assert err["data"]["type"] == "forbidden"
+
+
+async def test_k_and_t_default_from_the_cohort_and_the_tolerated_fractions(
+    client, org, mlp_model, mlp_bundle, database_url
+):
+    net, _ = mlp_bundle
+    c = await secure_round(client, org, mlp_model, net, n=12, t=None, dropout_fraction=0.25)
+    before = await client.ok("training.secagg.status", {"round_id": c.rnd["id"]}, org.token)
+    assert "threshold" not in before  # chosen when stage 0 closes, from the cohort
+
+    survivors, answers = await run_session(client, database_url, c, {2: {3}})
+
+    # Independent of graph.default_parameters: 12 devices are all to all (k = 11); with
+    # floor(0.05 * 12) = 0 colluders an honest majority t = 11 // 2 + 1 = 6 leaves
+    # ceil(0.75 * 12) - 1 = 8 >= 6 neighbours after the tolerated dropout.
+    config = c.devices[0].config
+    assert (config["neighbours"], config["threshold"]) == (11, 6)
+    assert answers[max(answers)]["status"] == "completed" and len(survivors) == 11
