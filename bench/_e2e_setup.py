@@ -46,14 +46,19 @@ def _net():
     return nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, OUT)).eval()
 
 
-def bundle() -> tuple[dict[str, bytes], dict[str, tuple[int, ...]]]:
-    """Version 1 as an org admin makes it (weights, ONNX, torch.export program) and its float shapes."""
+def bundle(net=None) -> tuple[dict[str, bytes], dict[str, tuple[int, ...]]]:
+    """Version 1 as an org admin makes it (weights, ONNX, torch.export program) and its float shapes.
+
+    ``net``: a module taking ``(batch, features)`` whose first parameter is a Linear weight;
+    the bench's MLP (1,011,010 parameters) if omitted.
+    """
     import safetensors.torch
     import torch
 
-    net = _net()
+    net = _net() if net is None else net.eval()
+    width = next(net.parameters()).shape[1]
     program = torch.export.export(
-        net, (torch.zeros((2, WIDTH)),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
+        net, (torch.zeros((2, width)),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
     )
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
@@ -106,9 +111,10 @@ class Stack:
     model_id: str = ""
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
-    async def register_model(self) -> None:
-        files, self.shapes = await asyncio.to_thread(bundle)
-        model = await self.api.ok("models.create", {"name": "mlp-1m"}, self.token)
+    async def register_model(self, net=None, name: str = "mlp-1m") -> None:
+        """A new model whose version 1 is ``net`` (see :func:`bundle`); it becomes ``model_id``."""
+        files, self.shapes = await asyncio.to_thread(bundle, net)
+        model = await self.api.ok("models.create", {"name": name}, self.token)
         params = {
             "model_id": model["id"],
             **{k: {"data": base64.b64encode(v).decode()} for k, v in files.items()},

@@ -37,3 +37,23 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def write_part(name: str, part: str, body: str) -> bool:
+    """Replace the part ``part`` inside section ``name`` of docs/benchmarks.md (between
+    ``<!-- bench:name:part -->`` markers); False, writing nothing, when it is not there."""
+    text = DOC.read_text() if DOC.exists() else ""
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(name)}:{re.escape(part)} -->.*?"
+        rf"<!-- /bench:{re.escape(name)}:{re.escape(part)} -->",
+        re.S,
+    )
+    if not pattern.search(text):
+        return False
+    DOC.write_text(pattern.sub(lambda _: marked(name, part, body), text))
+    return True
+
+
+def marked(name: str, part: str, body: str) -> str:
+    """``body`` between the markers of part ``part`` of section ``name`` (see write_part)."""
+    return f"<!-- bench:{name}:{part} -->\n{body.strip()}\n<!-- /bench:{name}:{part} -->"

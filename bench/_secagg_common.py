@@ -13,7 +13,6 @@ CASES = ((10, 100_000, 7), (10, 1_000_000, 5), (50, 100_000, 5), (50, 1_000_000,
 LARGE = (1_000, 100_000, 1)  # ours only
 CLIPPING, LEVELS, MODULUS, MAX_WEIGHT = 8.0, 1 << 22, 1 << 32, 1000.0
 UNMASK_GOAL, MASK_GOAL, BYTES_GOAL = 10.0, 3.0, 4.0
-E2E_NOTE = "not measured yet: the training.secagg.* server methods come next"
 
 
 @dataclass
