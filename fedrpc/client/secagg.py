@@ -84,6 +84,7 @@ class SecAggDevice:
         self.survivors: list[int] | None = None
         self.dropped: list[int] | None = None
         self._masked: bytes | None = None
+        self.accepted = False  # the server holds this device's masked vector: poll without it
         self.released: set[tuple[int, str]] = set()  # (neighbour, "self" | "key") given out
 
     # -- stage 0 ------------------------------------------------------------------------------
@@ -213,7 +214,10 @@ class SecAggDevice:
 
     def masked_vectors_params(self, upload_id: str | None = None) -> dict[str, Any]:
         """Stage 2's params: the vector inline, or ``upload_id`` of an upload (purpose
-        ``secagg_vector``) of :meth:`masked_vector_bytes`."""
+        ``secagg_vector``) of :meth:`masked_vector_bytes`; once the server has accepted it,
+        a poll without it."""
+        if self.accepted:
+            return {"round_id": self.round_id, "session_id": self.session_id}
         if upload_id is not None:
             return {
                 "round_id": self.round_id,
@@ -230,6 +234,7 @@ class SecAggDevice:
         """True once stage 2 closed: the unmask request is then known, and fixed: a later answer
         that asks otherwise is refused (a server switching a neighbour between the lists
         across polls would collect both of its secrets)."""
+        self.accepted = result.get("status") == "accepted"
         if result.get("survivors") is None:
             return False
         request = list(result["survivors"]), list(result["dropped"])

@@ -90,10 +90,7 @@ class Participant(msgspec.Struct):
     holders: int = 0
     asked: int = 0
     received: int = 0
-
-    @property
-    def done(self) -> int:
-        return DONE[self.stage]
+    done: int = 0  # DONE[stage]: the last stage completed, as a number
 
 
 class View(msgspec.Struct):
@@ -237,8 +234,24 @@ def _graph(n: int, k: int, seed: bytes, session_id: str) -> dict[int, tuple[int,
     return graph.neighbours(n, k, graph.graph_seed(seed, session_id))
 
 
+class _Columns(msgspec.Struct):
+    device_id: list[str]
+    org_id: list[str]
+    idx: list[int | None]
+    stage: list[str]
+    holders: list[int]
+    asked: list[int]
+    received: list[int]
+
+
 async def view(db: Database, session: Session) -> View:
-    parts = await db.all("training.secagg.list_participants", Participant, session_id=session.id)
+    c = await db.get("training.secagg.get_participant_columns", _Columns, session_id=session.id)
+    parts = [
+        Participant(*row, DONE[row[3]])
+        for row in zip(
+            c.device_id, c.org_id, c.idx, c.stage, c.holders, c.asked, c.received, strict=True
+        )
+    ]
     nbrs: dict[int, tuple[int, ...]] = {}
     if session.seed is not None:
         cfg = session.config

@@ -243,21 +243,31 @@ async def masked_vectors(
     org_id: str,
     session_id: str,
     data: bytes | None,
-    digest: str,
+    digest: str | None,
 ) -> MaskedVectorsResult:
     """Stage 2. ``data`` is None on a replay through an upload this device already used
-    (its bytes are gone): then only ``digest`` must match what the device handed in."""
+    (its bytes are gone: only ``digest`` must match what it handed in) and on a poll of a
+    device that handed in its vector (neither bytes nor digest)."""
+    stored = None
+    if data is not None:
+        # Before the lock, so that no other call of the session waits for S3; the key is the
+        # content's, so a replay writes the same object. A refused call leaves it behind.
+        stored = await storage.put(
+            f"secagg/{round_id}/{session_id}/vectors/{device_id}-{digest[:32]}", data
+        )
     async with db.transaction() as tx:
         v, target = await _stage_view(tx, storage, round_id, device_id, org_id, session_id)
         me = _participant(v, device_id, 1, "masked_vectors")
         if me.done >= 2:
-            stored = await tx.value(
+            handed_in = await tx.value(
                 "training.secagg.find_vector_sha256", session_id=v.session.id, sender=me.idx
             )
-            if stored != digest:
+            if digest is not None and handed_in != digest:
                 raise Conflict("this device handed in another masked vector")
         elif data is None:
-            raise Conflict("masked_vector: the upload has already been used", field="upload_id")
+            if digest is not None:
+                raise Conflict("masked_vector: the upload has already been used", field="upload_id")
+            raise BadRequest("give masked_vector or upload_id", field="masked_vector")
         else:
             if v.session.stage != "masked_vectors":
                 raise sess.wrong_stage(v.session, "masked_vectors")
@@ -270,8 +280,6 @@ async def masked_vectors(
                     field="masked_vector",
                     size_bytes=size,
                 )
-            # Under the session's lock: a replay finds the row, another device another key.
-            stored = await storage.put(f"secagg/{round_id}/{v.session.id}/vectors/{me.idx}", data)
             await tx.run(
                 "training.secagg.insert_vector",
                 session_id=v.session.id,

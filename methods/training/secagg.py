@@ -61,9 +61,12 @@ async def masked_vectors(ctx: Context, p: MaskedVectorsParams) -> MaskedVectorsR
     """Accept the masked vector; once stage 2 closes, answer the unmask request.
 
     The vector is exactly `(d + 1) * b / 8` bytes (`bad_request` otherwise),
-    inline or through an upload of purpose `secagg_vector`.
+    inline or through an upload of purpose `secagg_vector`; once it is in, a device
+    polls with neither.
     """
     stage = (ctx.db, ctx.storage, p.round_id, ctx.device_id, ctx.org_id, p.session_id)
+    if p.masked_vector is None and p.upload_id is None:  # a poll once the vector is in
+        return await secagg_stages.masked_vectors(*stage, None, None)
     if p.upload_id is not None and (replayed := await used_upload_sha256(ctx, p.upload_id)):
         return await secagg_stages.masked_vectors(*stage, None, replayed)
     # Who may call and how long the vector is, before a byte of an upload is read.

@@ -58,11 +58,16 @@ SET stage = 'completed', result_key = %(result_key)s, result_sha256 = %(result_s
     total_weight = %(total_weight)s, survivors = %(survivors)s, updated_at = now()
 WHERE id = %(session_id)s AND stage = 'unmask';
 
--- name: list_participants
--- A session's devices with their stage-3 counts, byte-wise by device id (the order indices follow).
-SELECT device_id, org_id, idx, stage, holders, asked, received
-FROM secagg_participants WHERE session_id = %(session_id)s
-ORDER BY device_id COLLATE "C";
+-- name: get_participant_columns
+-- A session's devices with their stage-3 counts as one row of arrays (every call reads them: arrays decode in C, rows one by one in Python), byte-wise by device id.
+SELECT coalesce(array_agg(device_id ORDER BY device_id COLLATE "C"), '{}') AS device_id,
+       coalesce(array_agg(org_id ORDER BY device_id COLLATE "C"), '{}') AS org_id,
+       coalesce(array_agg(idx ORDER BY device_id COLLATE "C"), '{}') AS idx,
+       coalesce(array_agg(stage ORDER BY device_id COLLATE "C"), '{}') AS stage,
+       coalesce(array_agg(holders ORDER BY device_id COLLATE "C"), '{}') AS holders,
+       coalesce(array_agg(asked ORDER BY device_id COLLATE "C"), '{}') AS asked,
+       coalesce(array_agg(received ORDER BY device_id COLLATE "C"), '{}') AS received
+FROM secagg_participants WHERE session_id = %(session_id)s;
 
 -- name: find_participant
 -- One device of a session, with its keys.
