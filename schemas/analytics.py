@@ -21,7 +21,13 @@ class Observation(Params, kw_only=True):
     """One measurement: a number (value) or a category; neither means the variable is missing."""
 
     variable: VariableName
-    value: float | None = None
+    value: (
+        Annotated[
+            float,
+            Meta(ge=-1e15, le=1e15, description="Bounded so that no sum of squares overflows."),
+        ]
+        | None
+    ) = None
     category: Category | None = None
     recorded_at: datetime
 

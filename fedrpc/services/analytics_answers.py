@@ -6,6 +6,7 @@ Rules shared by all four (the floor, the scope, the record) live in
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -20,10 +21,13 @@ from fedrpc.services.analytics_questions import (
     Scope,
     SummaryRow,
     check_kind,
+    check_spending,
+    domain_of,
     floor_of,
     interval,
     nothing_to_show,
     numeric_groups,
+    own_only,
 )
 from schemas.federations.analytics import (
     AnovaParams,
@@ -51,20 +55,23 @@ class _Bin(msgspec.Struct):
     group_id: str
     bin: int
     count: int
+    devices: int
 
 
 class _Cell(msgspec.Struct):
     row: str
     col: str
     count: int
+    own: int  # of them, the asking organization's devices
 
 
-def _stats(row: SummaryRow, policy: Policy, pct: list[float] | None) -> GroupStats:
+def _stats(row: SummaryRow, order_stats: bool, pct: list[float] | None) -> GroupStats:
     s = row.summary()
     out = GroupStats(group_id=row.group_id, count=s.n, mean=s.mean, std_dev=s.std_dev)
     out.missing = row.missing
-    if policy.allow_min_max:
-        out.min, out.max = s.min, s.max
+    if not order_stats:
+        return out
+    out.min, out.max = s.min, s.max
     if pct is not None:
         out.percentiles = Percentiles(p25=pct[0], p50=pct[1], p75=pct[2])
         out.median = pct[1]
@@ -75,6 +82,7 @@ async def descriptive(
     db: Database, policy: Policy, org_id: str, query_id: str, p: DescriptiveParams
 ) -> DescriptiveResult:
     check_kind(policy, p.variable, "numeric")
+    check_spending(policy, org_id, p.dp, "descriptive")
     scope = Scope.of(p, org_id, p.variable, p.group_by, p.group_ids)
     if p.dp is not None:
         return await analytics_dp.descriptive(db, policy, query_id, p, scope)
@@ -92,16 +100,17 @@ async def descriptive(
             await db.get("federations.analytics.find_overall_percentiles", _Percentiles, **visible)
         ).percentiles
     overall = await db.get("federations.analytics.find_overall_summary", SummaryRow, **visible)
-    groups = [_stats(r, policy, pct.get(r.group_id)) for r in shown]
+    order = {r.group_id: policy.allow_min_max or own_only(scope, r.group_id) for r in shown}
+    groups = [_stats(r, order[r.group_id], pct.get(r.group_id)) for r in shown]
     if p.histogram is not None:
-        await _histograms(db, visible, p, floor, groups)
+        await _histograms(db, visible, p, floor, [g for g in groups if order[g.group_id]])
     return DescriptiveResult(
         query_id=query_id,
         variable=p.variable,
         group_by=p.group_by,
         groups=groups,
         suppressed_groups=suppressed,
-        overall=_stats(overall, policy, overall_pct),
+        overall=_stats(overall, all(order.values()), overall_pct),
     )
 
 
@@ -119,22 +128,23 @@ async def _histograms(
         upper=h.upper,
         bins=h.bins,
     )
-    counts: dict[str, dict[int, int]] = {}
+    counts: dict[str, dict[int, _Bin]] = {}
     for r in rows:
-        counts.setdefault(r.group_id, {})[r.bin] = r.count
+        counts.setdefault(r.group_id, {})[r.bin] = r
+    empty = _Bin("", 0, 0, 0)
 
-    def shown(c: int) -> int | None:
-        # A bin is a group too: fewer than the floor is not shown.
-        return c if c == 0 or c >= floor else None
+    def shown(b: _Bin) -> int | None:
+        # A bin is a group too: fewer devices than the floor is not shown.
+        return b.count if b.count == 0 or b.devices >= floor else None
 
     edges = [float(e) for e in np.linspace(h.lower, h.upper, h.bins + 1)]
     for g in groups:
         got = counts.get(g.group_id, {})
         g.histogram = HistogramCounts(
             edges=edges,
-            counts=[shown(got.get(b, 0)) for b in range(1, h.bins + 1)],
-            below=shown(got.get(0, 0)),
-            above=shown(got.get(h.bins + 1, 0)),
+            counts=[shown(got.get(b, empty)) for b in range(1, h.bins + 1)],
+            below=shown(got.get(0, empty)),
+            above=shown(got.get(h.bins + 1, empty)),
         )
 
 
@@ -142,6 +152,7 @@ async def t_test(
     db: Database, policy: Policy, org_id: str, query_id: str, p: TTestParams
 ) -> TTestResult:
     check_kind(policy, p.variable, "numeric")
+    check_spending(policy, org_id, p.dp, "t_test")
     if p.group_a == p.group_b:
         raise BadRequest("group_a and group_b must be different groups", field="group_b")
     scope = Scope.of(p, org_id, p.variable, p.group_by, [p.group_a, p.group_b])
@@ -155,7 +166,7 @@ async def t_test(
     missing = [g for g in (p.group_a, p.group_b) if g not in found]
     if missing:
         raise PreconditionFailed(
-            f"a group has fewer than {floor} values or none: it cannot be compared",
+            f"a group has fewer than {floor} devices: it cannot be compared",
             suppressed_groups=missing,
         )
     a, b = found[p.group_a], found[p.group_b]
@@ -179,10 +190,12 @@ async def anova(
     db: Database, policy: Policy, org_id: str, query_id: str, p: AnovaParams
 ) -> AnovaResult:
     check_kind(policy, p.variable, "numeric")
+    check_spending(policy, org_id, p.dp, "anova")
     scope = Scope.of(p, org_id, p.variable, p.group_by, p.group_ids)
     if p.dp is not None:
         found, charge = await analytics_dp.summaries(db, policy, query_id, p, scope)
-        floor, suppressed = floor_of(policy, None), sorted(set(p.group_ids or ()) - set(found))
+        domain = await domain_of(db, scope, list(found))
+        floor, suppressed = floor_of(policy, None), [g for g in domain if g not in found]
     else:
         floor = floor_of(policy, p.filters)
         shown, suppressed = await numeric_groups(db, scope, floor)
@@ -193,8 +206,12 @@ async def anova(
             suppressed_groups=suppressed,
         )
     ids = sorted(found)
-    r = stats.anova(
-        [found[g] for g in ids], confidence_level=p.confidence_level, post_hoc=p.post_hoc
+    # Tukey's pairs grow with the square of the groups: off the event loop.
+    r = await asyncio.to_thread(
+        stats.anova,
+        [found[g] for g in ids],
+        confidence_level=p.confidence_level,
+        post_hoc=p.post_hoc,
     )
     pairs = None
     if p.post_hoc:
@@ -225,19 +242,28 @@ async def anova(
 
 
 def shown_table(
-    cells: dict[tuple[str, str], float], floor: float
-) -> tuple[list[str], list[str], list[str]]:
-    """Rows and columns whose totals reach the floor (dropping one can shrink another, so
-    repeat until none is dropped), and the dropped categories."""
+    cells: dict[tuple[str, str], tuple[int, int]], floor: int
+) -> tuple[list[str], list[str], int]:
+    """Rows and columns whose other organizations' devices number none or at least the floor
+    (the asker's own devices never count toward it: it could pad a category with them and
+    subtract), dropping until none is dropped; and how many categories were dropped (their
+    names are devices' free text: not shown)."""
     rows = sorted({r for r, _ in cells})
     cols = sorted({c for _, c in cells})
-    dropped: list[str] = []
+    dropped = 0
+
+    def others(pairs) -> int:
+        return sum(cells[x][0] - cells[x][1] for x in pairs if x in cells)
+
+    def small(n: int) -> bool:
+        return 0 < n < floor
+
     while True:
-        small_rows = [r for r in rows if sum(cells.get((r, c), 0) for c in cols) < floor]
-        small_cols = [c for c in cols if sum(cells.get((r, c), 0) for r in rows) < floor]
+        small_rows = [r for r in rows if small(others((r, c) for c in cols))]
+        small_cols = [c for c in cols if small(others((r, c) for r in rows))]
         if not small_rows and not small_cols:
             return rows, cols, dropped
-        dropped += [f"variable_1:{r}" for r in small_rows] + [f"variable_2:{c}" for c in small_cols]
+        dropped += len(small_rows) + len(small_cols)
         rows = [r for r in rows if r not in small_rows]
         cols = [c for c in cols if c not in small_cols]
 
@@ -247,24 +273,24 @@ async def chi_square(
 ) -> ChiSquareResult:
     for v in (p.variable_1, p.variable_2):
         check_kind(policy, v, "categorical")
+    check_spending(policy, org_id, None, "chi_square")
     if p.variable_1 == p.variable_2:
         raise BadRequest("variable_1 and variable_2 must differ", field="variable_2")
     group_by = "federation_member" if p.group_ids is None else "device_group"
     scope = Scope.of(p, org_id, p.variable_1, group_by, p.group_ids)
     params = scope.sql() | {"variable_1": p.variable_1, "variable_2": p.variable_2}
     del params["variable"]
-    cells = {
-        (c.row, c.col): float(c.count)
-        for c in await db.all("federations.analytics.list_contingency_counts", _Cell, **params)
-    }
-    floor = policy.min_group_size
+    found = await db.all("federations.analytics.list_contingency_counts", _Cell, **params)
+    cells = {(c.row, c.col): (c.count, c.own) for c in found}
+    floor = floor_of(policy, p.filters)
     rows, cols, dropped = shown_table(cells, floor)
     if len(rows) < 2 or len(cols) < 2:
         raise PreconditionFailed(
-            f"the table needs two categories of each variable held by at least {floor} devices",
+            "the table needs two categories of each variable, each held by none or at least "
+            f"{floor} devices of other organizations",
             suppressed_categories=dropped,
         )
-    observed = [[cells.get((r, c), 0.0) for c in cols] for r in rows]
+    observed = [[cells.get((r, c), (0, 0))[0] for c in cols] for r in rows]
     r = stats.chi_square(np.asarray(observed, dtype=np.int64), correction=p.yates)
     significant = r.p_value < 1 - p.confidence_level
     return ChiSquareResult(

@@ -22,6 +22,7 @@ from fedrpc.fl import stats
 from fedrpc.fl.privacy import RoundCharge
 from fedrpc.fl.stats import dp as stats_dp
 from fedrpc.services import privacy_budget
+from fedrpc.services.analytics_questions import floor_of
 from schemas.federations.analytics import DescriptiveResult, DpCharge, GroupStats
 
 
@@ -75,7 +76,7 @@ async def summaries(
         noised = stats_dp.noised_summary(
             exact.get(g, stats_dp.DeviceSums(0, 0.0, 0.0)), dp.lower, dp.upper, z, rng
         )
-        if noised is not None and noised.n >= policy.min_group_size:
+        if noised is not None and noised.n >= floor_of(policy, p.filters):
             shown[g] = noised
     charge = DpCharge(epsilon=entry.round_epsilon_cost, delta=entry.delta, noise_multiplier=z)
     return shown, charge
@@ -93,7 +94,7 @@ async def descriptive(
     suppressed = [g for g in domain if g not in shown]
     if not shown:
         raise PreconditionFailed(
-            f"no group's noised count reaches {policy.min_group_size}: nothing can be shown "
+            f"no group's noised count reaches {floor_of(policy, p.filters)}: nothing can be shown "
             "(the charge stands)",
             suppressed_groups=suppressed,
         )

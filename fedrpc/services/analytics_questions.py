@@ -20,7 +20,7 @@ import msgspec
 
 from fedrpc.auth import new_id
 from fedrpc.db import Database, jsonb
-from fedrpc.errors import AppError, BadRequest, PreconditionFailed
+from fedrpc.errors import AppError, BadRequest, Forbidden, PreconditionFailed
 from fedrpc.fl import InvalidInput, stats
 from schemas.federations.analytics import ConfidenceInterval, Filters
 
@@ -31,13 +31,16 @@ class Policy(msgspec.Struct):
     min_group_size: int
     allow_min_max: bool
     variables: dict[str, str] | None
+    total_epsilon_budget: float | None
     total_delta_budget: float | None
+    owner_org_id: str
 
 
 class SummaryRow(msgspec.Struct):
     """One group as SQL reduces it: mean and M2 about a provisional centre (docs/analytics.md)."""
 
     group_id: str
+    devices: int
     n: int
     missing: int
     centre: float
@@ -91,8 +94,13 @@ async def policy_of(db: Database, federation_id: str) -> Policy:
     )
 
 
+#: The most groups one question may have, named or found.
+MAX_GROUPS = 200
+
+
 def floor_of(policy: Policy, filters: Filters | None) -> int:
-    """The fewest values a shown group holds."""
+    """The fewest devices a shown group holds (not observations: one device reporting ten
+    times is one device)."""
     asked = filters.min_sample_count if filters and filters.min_sample_count else 0
     return max(policy.min_group_size, asked)
 
@@ -105,23 +113,64 @@ def check_kind(policy: Policy, variable: str, kind: str) -> None:
         raise BadRequest(f"variable {variable!r} is {declared}, not {kind}", field="variable")
 
 
+def check_spending(policy: Policy, org_id: str, dp: object | None, query_type: str) -> None:
+    """A federation with a privacy budget answers only with dp (as its rounds need
+    differential_privacy), and only its owner spends the budget (as only the owner runs
+    rounds): a member cannot drain it, nor learn a device by differencing exact answers."""
+    if policy.total_epsilon_budget is None:
+        return
+    if dp is None:
+        what = "has no dp version" if query_type == "chi_square" else "needs dp"
+        raise BadRequest(
+            f"this federation has a privacy budget: {query_type} {what} here", field="dp"
+        )
+    if org_id != policy.owner_org_id:
+        raise Forbidden("only the federation's owner spends its privacy budget")
+
+
+async def domain_of(db: Database, scope: Scope, found: list[str]) -> list[str]:
+    """Every group the question is about: those named, every member by federation_member,
+    else the asking organization's groups found. A group not shown is suppressed alike
+    whether it is empty or small (which one it is would tell)."""
+    if scope.group_ids is not None:
+        return list(dict.fromkeys(scope.group_ids))
+    if scope.group_by == "federation_member":
+        rows = await db.all(
+            "federations.analytics.list_member_orgs", dict, federation_id=scope.federation_id
+        )
+        return [r["org_id"] for r in rows]
+    return found
+
+
 async def numeric_groups(
     db: Database, scope: Scope, floor: int
 ) -> tuple[list[SummaryRow], list[str]]:
-    """The groups with at least ``floor`` values, and the ids of the others."""
+    """The groups with at least ``floor`` devices, and the ids of the others asked about."""
     rows = await db.all("federations.analytics.list_numeric_summaries", SummaryRow, **scope.sql())
-    shown = [r for r in rows if r.n >= floor]
-    return shown, [r.group_id for r in rows if r.n < floor]
+    domain = await domain_of(db, scope, [r.group_id for r in rows])
+    if len(domain) > MAX_GROUPS:
+        raise BadRequest(
+            f"the question has {len(domain)} groups; at most {MAX_GROUPS}: name group_ids",
+            field="group_ids",
+        )
+    shown = [r for r in rows if r.devices >= floor]
+    ids = {r.group_id for r in shown}
+    return shown, [g for g in domain if g not in ids]
 
 
 def nothing_to_show(floor: int, suppressed: list[str]) -> PreconditionFailed:
-    if not suppressed:
-        return PreconditionFailed("no observations match the question", suppressed_groups=[])
     return PreconditionFailed(
-        f"every group has fewer than {floor} values (the federation's privacy floor or "
+        f"no group has at least {floor} devices (the federation's privacy floor or "
         "min_sample_count): nothing can be shown",
         suppressed_groups=suppressed,
     )
+
+
+def own_only(scope: Scope, group_id: str) -> bool:
+    """Whether a group holds the asking organization's devices only: its own device groups,
+    or its own row by federation_member. Other organizations' values are shown as order
+    statistics (min, max, percentiles, histograms) only where the federation allows it."""
+    return scope.group_by == "device_group" or group_id == scope.org_id
 
 
 def interval(ci: stats.ConfidenceInterval) -> ConfidenceInterval:
@@ -144,6 +193,8 @@ async def recorded(
         "org_id": org_id,
         "query_type": query_type,
         "params": jsonb(params),
+        # Device groups are the asker's own: a question naming or grouping by them stays its.
+        "shared": params.get("group_by") != "device_group" and not params.get("group_ids"),
     }
     try:
         result = await answer(query_id)

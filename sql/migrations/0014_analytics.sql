@@ -21,7 +21,7 @@ CREATE TABLE analytics_observations (
     platform     text NOT NULL,
     group_ids    text[] NOT NULL DEFAULT '{}',
     variable     text NOT NULL,
-    value        double precision CHECK (abs(value) < 'Infinity'),
+    value        double precision CHECK (abs(value) <= 1e15),
     category     text,
     recorded_at  timestamptz NOT NULL,
     received_at  timestamptz NOT NULL DEFAULT now(),
@@ -46,6 +46,9 @@ CREATE TABLE analytics_queries (
     status         text NOT NULL CHECK (status IN ('completed', 'failed')),
     result         jsonb,
     error_message  text,
+    -- false: the question names the asking organization's device groups (its ids stay with it),
+    -- so only the asking organization reads it.
+    shared         boolean NOT NULL,
     created_at     timestamptz NOT NULL DEFAULT now(),
     completed_at   timestamptz
 );
@@ -63,10 +66,10 @@ CREATE FUNCTION analytics_scope(
     p_federation_id text, p_org_id text, p_variable text, p_group_by text, p_group_ids text[],
     p_start timestamptz, p_end timestamptz, p_platform text
 ) RETURNS TABLE (
-    id bigint, group_id text, device_id text, value double precision, category text,
+    id bigint, group_id text, device_id text, org_id text, value double precision, category text,
     recorded_at timestamptz
 ) LANGUAGE sql STABLE AS $$
-    SELECT o.id, k.group_id, o.device_id, o.value, o.category, o.recorded_at
+    SELECT o.id, k.group_id, o.device_id, o.org_id, o.value, o.category, o.recorded_at
     FROM analytics_observations AS o
     JOIN federation_members AS m
       ON m.org_id = o.org_id AND m.federation_id = p_federation_id AND m.status = 'active'

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import psycopg
 import pytest
 from scipy import stats
 
@@ -100,7 +101,7 @@ def check_group(got: dict, values, min_max: bool = True) -> None:
 
 
 async def test_descriptive_by_member_matches_numpy_even_at_1e8(client, org, other_org):
-    fed = await analytics_federation(client, org, other_org, allow_min_max=True)
+    fed = await analytics_federation(client, org, other_org, allow_min_max=True, min_group_size=3)
     rng = np.random.default_rng(1)
     mine, theirs = await devices(client, org, 3), await devices(client, other_org, 4)
     a, b = rng.normal(5, 2, 40), 1e8 + rng.normal(0, 1, 57)
@@ -124,15 +125,18 @@ async def test_descriptive_by_member_matches_numpy_even_at_1e8(client, org, othe
     assert got["query_id"].startswith("anq_")
 
 
-async def test_small_groups_are_suppressed_and_min_max_hidden_by_default(client, org, other_org):
+async def test_small_groups_are_suppressed_and_order_statistics_stay_with_their_owner(
+    client, org, other_org
+):
     fed = await analytics_federation(client, org, other_org, min_group_size=12)
     rng = np.random.default_rng(2)
-    big, small = await devices(client, org, 3), await devices(client, org, 2)
+    # The floor counts devices: 12 reporting devices are shown, 5 are not (whatever they send).
+    big, small = await devices(client, org, 12), await devices(client, org, 5)
     g_big, g_small = (
         await group_of(client, org, big, "big"),
         await group_of(client, org, small, "small"),
     )
-    values, few = rng.normal(0, 1, 30), rng.normal(0, 1, 11)
+    values, few = rng.normal(0, 1, 36), rng.normal(0, 1, 40)
     await report_values(client, big, values)
     await report_values(client, small, few)
 
@@ -148,13 +152,20 @@ async def test_small_groups_are_suppressed_and_min_max_hidden_by_default(client,
 
     assert [g["group_id"] for g in got["groups"]] == [g_big]
     assert got["suppressed_groups"] == [g_small]
-    check_group(got["groups"][0], values, min_max=False)
+    check_group(got["groups"][0], values)  # its own devices: min, max, percentiles shown
     # Overall holds the shown groups only: nothing of the suppressed group enters it.
-    check_group(got["overall"], values, min_max=False)
+    check_group(got["overall"], values)
     counts, _ = np.histogram(values, bins=4, range=(-2.0, 2.0))
     hist = got["groups"][0]["histogram"]
     assert hist["edges"] == pytest.approx(list(np.linspace(-2, 2, 5)), rel=1e-12)
-    assert hist["counts"] == [int(c) if c == 0 or c >= 12 else None for c in counts]
+    # Bins with values of fewer than 12 devices are not shown (12 devices: 3 values each).
+    devices_in = [
+        len({i // 3 for i, v in enumerate(values) if lo <= v < hi})
+        for lo, hi in zip(np.linspace(-2, 2, 5)[:-1], np.linspace(-2, 2, 5)[1:], strict=True)
+    ]
+    assert hist["counts"] == [
+        int(c) if c == 0 or d >= 12 else None for c, d in zip(counts, devices_in, strict=True)
+    ]
     # Every group small: a clear error naming them, recorded as a failed question.
     err = await client.error(
         "federations.analytics.descriptive",
@@ -163,9 +174,26 @@ async def test_small_groups_are_suppressed_and_min_max_hidden_by_default(client,
     )
     assert err["data"]["type"] == "precondition_failed"
     assert err["data"]["suppressed_groups"] == [g_small]
-    listed = await client.ok("federations.analytics.queries.list", {}, other_org.token)
+    listed = await client.ok("federations.analytics.queries.list", {}, org.token)
     assert [q["status"] for q in listed["queries"]] == ["failed", "completed"]
     assert listed["total"] == 2 and listed["queries"][0]["error_message"]
+    # They name the asker's device groups: no other member reads them.
+    assert await client.ok("federations.analytics.queries.list", {}, other_org.token) == {
+        "queries": [],
+        "total": 0,
+    }
+    # Another member's values: no order statistic (min, max, median, percentiles).
+    theirs = await devices(client, other_org, 12)
+    await report_values(client, theirs, rng.normal(0, 1, 36))
+    by_member = await client.ok(
+        "federations.analytics.descriptive",
+        {"federation_id": fed["id"], "variable": "x", "group_by": "federation_member"},
+        org.token,
+    )
+    groups = {g["group_id"]: g for g in by_member["groups"]}
+    for hidden in ("min", "max", "median", "percentiles"):
+        assert hidden not in groups[other_org.id] and hidden not in by_member["overall"]
+        assert hidden in groups[org.id]
 
 
 async def test_another_members_device_groups_are_never_named(client, org, other_org):
@@ -190,15 +218,16 @@ async def test_another_members_device_groups_are_never_named(client, org, other_
 
     assert [g["group_id"] for g in own["groups"]] == [g_theirs]
     assert g_mine not in str(own)
-    # Naming another organization's group finds nothing (its ids stay with it).
+    # Naming another organization's group finds nothing (its ids stay with it): it is
+    # suppressed like an empty or small group of one's own, and the answer tells which none.
     assert named["error"]["data"]["type"] == "precondition_failed"
-    assert named["error"]["data"]["suppressed_groups"] == []
+    assert named["error"]["data"]["suppressed_groups"] == [g_mine]
 
 
 @pytest.mark.parametrize("equal_var", [False, True])
 @pytest.mark.parametrize("level", [0.95, 0.99])
 async def test_t_test_matches_scipy(client, org, other_org, equal_var, level):
-    fed = await analytics_federation(client, org, other_org)
+    fed = await analytics_federation(client, org, other_org, min_group_size=3)
     rng = np.random.default_rng(4)
     a, b = rng.normal(10, 2, 35), rng.normal(11, 4, 48)
     await report_values(client, await devices(client, org, 3), a)
@@ -234,7 +263,7 @@ async def test_t_test_matches_scipy(client, org, other_org, equal_var, level):
 
 
 async def test_anova_and_tukey_match_scipy(client, org, other_org):
-    fed = await analytics_federation(client, org, other_org)
+    fed = await analytics_federation(client, org, other_org, min_group_size=2)
     rng = np.random.default_rng(5)
     samples, ids = [], []
     for i, (mean, size) in enumerate([(0.0, 20), (0.5, 31), (1.5, 26)]):
@@ -359,13 +388,12 @@ async def test_who_may_ask_and_read(client, org, other_org, make_org):
     assert listed == {"queries": [], "total": 0}
 
 
-async def _count(client, fed, org) -> int:
-    body = await client.call(
-        "federations.analytics.descriptive",
-        {"federation_id": fed["id"], "variable": "x", "group_by": "federation_member"},
-        org.token,
-    )
-    return 0 if "error" in body else int(body["result"]["overall"]["count"])
+def stored(database_url: str, device_id: str) -> int:
+    """How many observations of a device the database holds (read past the privacy floor)."""
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM analytics_observations WHERE device_id = %s", (device_id,)
+        ).fetchone()[0]
 
 
 @pytest.mark.parametrize(
@@ -378,8 +406,8 @@ async def _count(client, fed, org) -> int:
         ({"variable": "undeclared"}, 2),
     ],
 )
-async def test_a_bad_row_rejects_the_whole_batch(client, org, other_org, bad, index):
-    fed = await analytics_federation(
+async def test_a_bad_row_rejects_the_whole_batch(client, org, other_org, database_url, bad, index):
+    await analytics_federation(
         client, org, other_org, min_group_size=2, variables={"x": "numeric", "c": "categorical"}
     )
     device = (await devices(client, org, 1))[0]
@@ -389,11 +417,13 @@ async def test_a_bad_row_rejects_the_whole_batch(client, org, other_org, bad, in
     err = await client.error("analytics.report", {"observations": rows}, device["token"])
 
     assert err["data"]["type"] == "bad_request" and err["data"]["index"] == index
-    assert await _count(client, fed, org) == 0
+    assert stored(database_url, device["device_id"]) == 0
 
 
-async def test_kinds_are_fixed_and_batches_bounded_and_idempotent(client, org, other_org):
-    fed = await analytics_federation(client, org, other_org, min_group_size=2)
+async def test_kinds_are_fixed_and_batches_bounded_and_idempotent(
+    client, org, other_org, database_url
+):
+    await analytics_federation(client, org, other_org, min_group_size=2)
     device = (await devices(client, org, 1))[0]
     first = {"variable": "x", "value": 2.0, "recorded_at": when()}
     await report(client, device, [first, first])
@@ -417,7 +447,7 @@ async def test_kinds_are_fixed_and_batches_bounded_and_idempotent(client, org, o
     once = await client.ok("analytics.report", keyed, device["token"])
     again = await client.ok("analytics.report", keyed, device["token"])
     assert once == again == {"accepted": 1}
-    assert await _count(client, fed, org) == 3
+    assert stored(database_url, device["device_id"]) == 3
     # A device reports only as itself: there is nothing to name another device with.
     err = await client.error(
         "analytics.report",

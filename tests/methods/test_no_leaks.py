@@ -32,8 +32,7 @@ import pytest
 
 from fedrpc.registry import Registry
 from tests.conftest import DEVICE_DEFAULTS, register_device
-from tests.methods.conftest import inline
-from tests.methods.test_member_visibility import federation_of
+from tests.methods.conftest import inline, shared_federation
 from tests.methods.test_weights_upload import update_bytes, upload_params
 
 # Methods the walk does not call, each with the reason. Empty today: every method can be
@@ -132,7 +131,10 @@ async def _federated_round(client, world_org, model, fed, count, criteria=None, 
 
 
 async def build_world(client, org, other_org, model, bundle) -> World:
-    fed = await federation_of(client, org, other_org, model)
+    # Analytics groups of two devices are shown (the floor counts devices), and so searched.
+    fed = await shared_federation(
+        client, org, other_org, model, "f", analytics_policy={"min_group_size": 2}
+    )
     a, b = Side(org, "owner_only_metric_x7"), Side(other_org, "member_only_metric_q3")
     for side in (a, b):
         group = await client.ok("devices.groups.create", {"name": "field"}, side.org.token)

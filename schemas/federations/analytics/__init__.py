@@ -22,7 +22,7 @@ GroupBy = Literal["device_group", "federation_member"]
 GroupKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^(grp|org)_[0-9a-f]{32}$")]
 GroupKeys = Annotated[list[GroupKey], Meta(min_length=1, max_length=200)]
 ConfidenceLevel = Annotated[float, Meta(gt=0, lt=1)]
-Finite = Annotated[float, Meta(ge=-1e300, le=1e300)]
+Finite = Annotated[float, Meta(ge=-1e15, le=1e15)]
 
 
 class Filters(Params, kw_only=True):
@@ -207,4 +207,5 @@ class ChiSquareResult(Result, kw_only=True):
     significant: bool
     yates_applied: bool
     warnings: list[str]
-    suppressed_categories: list[str]
+    # How many categories were dropped (their names are devices' free text: never shown).
+    suppressed_categories: int

@@ -1,7 +1,7 @@
 -- name: find_analytics_policy
 -- A federation's analytics policy: the privacy floor, whether min and max may be shown, the declared variables.
 SELECT analytics_min_group_size AS min_group_size, analytics_allow_min_max AS allow_min_max,
-       analytics_variables AS variables, total_delta_budget
+       analytics_variables AS variables, total_epsilon_budget, total_delta_budget, owner_org_id
 FROM federations WHERE id = %(federation_id)s;
 
 -- name: list_member_orgs
@@ -28,15 +28,16 @@ SELECT group_id, count(*) AS n, sum(y) AS sum, sum(y * y) AS sum_squares
 FROM per_device GROUP BY group_id ORDER BY group_id;
 
 -- name: list_numeric_summaries
--- Per group: count, missing, and mean and M2 in two passes about a provisional centre (stable at 1e8 + N(0,1)), min, max.
+-- Per group: its devices, count, missing, and mean and M2 in two passes about a provisional centre (stable at 1e8 + N(0,1)), min, max.
 WITH scoped AS (
-    SELECT group_id, value, category
+    SELECT group_id, device_id, value, category
     FROM analytics_scope(%(federation_id)s, %(org_id)s, %(variable)s, %(group_by)s, %(group_ids)s,
                          %(start_time)s, %(end_time)s, %(device_platform)s)
 ), centre AS (
     SELECT group_id, coalesce(avg(value), 0) AS centre FROM scoped GROUP BY group_id
 )
-SELECT s.group_id, count(s.value) AS n,
+SELECT s.group_id, count(DISTINCT s.device_id) FILTER (WHERE s.value IS NOT NULL) AS devices,
+       count(s.value) AS n,
        count(*) FILTER (WHERE s.value IS NULL AND s.category IS NULL) AS missing,
        c.centre, coalesce(sum(s.value - c.centre), 0) AS shift,
        coalesce(sum((s.value - c.centre) ^ 2), 0) AS m2_about_centre,
@@ -48,14 +49,15 @@ ORDER BY s.group_id;
 -- name: find_overall_summary
 -- The same over the distinct observations of the shown groups (a device in two groups counts once).
 WITH scoped AS (
-    SELECT DISTINCT ON (id) value, category
+    SELECT DISTINCT ON (id) device_id, value, category
     FROM analytics_scope(%(federation_id)s, %(org_id)s, %(variable)s, %(group_by)s, %(group_ids)s,
                          %(start_time)s, %(end_time)s, %(device_platform)s)
     ORDER BY id
 ), centre AS (
     SELECT coalesce(avg(value), 0) AS centre FROM scoped
 )
-SELECT 'overall' AS group_id, count(s.value) AS n,
+SELECT 'overall' AS group_id, count(DISTINCT s.device_id) FILTER (WHERE s.value IS NOT NULL) AS devices,
+       count(s.value) AS n,
        count(*) FILTER (WHERE s.value IS NULL AND s.category IS NULL) AS missing,
        c.centre, coalesce(sum(s.value - c.centre), 0) AS shift,
        coalesce(sum((s.value - c.centre) ^ 2), 0) AS m2_about_centre,
@@ -81,8 +83,9 @@ FROM (SELECT DISTINCT ON (id) value
       WHERE value IS NOT NULL ORDER BY id) AS scoped;
 
 -- name: list_histogram_counts
--- Per shown group: counts in equal-width bins of [lower, upper); bin 0 below, bins + 1 at or above.
-SELECT group_id, width_bucket(value, %(lower)s, %(upper)s, %(bins)s) AS bin, count(*) AS count
+-- Per shown group: counts (and devices) in equal-width bins of [lower, upper); bin 0 below, bins + 1 at or above.
+SELECT group_id, width_bucket(value, %(lower)s, %(upper)s, %(bins)s) AS bin, count(*) AS count,
+       count(DISTINCT device_id) AS devices
 FROM analytics_scope(%(federation_id)s, %(org_id)s, %(variable)s, %(group_by)s, %(group_ids)s,
                      %(start_time)s, %(end_time)s, %(device_platform)s)
 WHERE value IS NOT NULL
@@ -90,9 +93,9 @@ GROUP BY group_id, bin
 ORDER BY group_id, bin;
 
 -- name: list_contingency_counts
--- Devices by their latest category of each of two variables (a device counts once, in one cell).
+-- Devices by their latest category of each of two variables (a device counts once, in one cell), and how many of them are the asking organization's.
 WITH first AS (
-    SELECT DISTINCT ON (device_id) device_id, category
+    SELECT DISTINCT ON (device_id) device_id, org_id, category
     FROM analytics_scope(%(federation_id)s, %(org_id)s, %(variable_1)s, %(group_by)s, %(group_ids)s,
                          %(start_time)s, %(end_time)s, %(device_platform)s)
     WHERE category IS NOT NULL
@@ -104,7 +107,8 @@ WITH first AS (
     WHERE category IS NOT NULL
     ORDER BY device_id, recorded_at DESC, id DESC
 )
-SELECT a.category AS row, b.category AS col, count(*) AS count
+SELECT a.category AS row, b.category AS col, count(*) AS count,
+       count(*) FILTER (WHERE a.org_id = %(org_id)s) AS own
 FROM first AS a JOIN second AS b USING (device_id)
 GROUP BY a.category, b.category
 ORDER BY a.category, b.category;
@@ -112,6 +116,6 @@ ORDER BY a.category, b.category;
 -- name: insert_query
 -- Record a question and its outcome (completed with a result, or failed with the reason).
 INSERT INTO analytics_queries (id, federation_id, org_id, query_type, params, status, result, error_message,
-                               completed_at)
+                               shared, completed_at)
 VALUES (%(id)s, %(federation_id)s, %(org_id)s, %(query_type)s, %(params)s, %(status)s, %(result)s,
-        %(error_message)s, now());
+        %(error_message)s, %(shared)s, now());
