@@ -209,7 +209,8 @@ def ours_round(
     t0 = time.perf_counter()
     wanted = alive + sorted(dead)
     share_sets = [{h: answers[h][i] for h in graph[i] if h in answers} for i in wanted]
-    secrets = shamir.combine_many(share_sets, T)
+    # What the server runs: each secret checked against a spare share (outvoting a wrong one).
+    secrets, _ = shamir.recover_many(share_sets, T)
     self_seeds = [
         keys.self_mask_seed(s, sid, i) for i, s in zip(alive, secrets[: len(alive)], strict=True)
     ]
