@@ -132,6 +132,19 @@ async def upload_vector(client, token: str, data: bytes) -> str:
     return upload["upload_id"]
 
 
+async def through_stage_one(client, database_url, c: Cohort) -> None:
+    """Every device sets up its keys and hands in its bundles (stages 0 and 1 closed)."""
+    rid, everyone = c.rnd["id"], range(len(c.devices))
+    for method, params, read in (
+        ("training.secagg.setup", lambda i: c.devices[i].setup_params(rid), "read_setup"),
+        ("training.secagg.share_keys", lambda i: c.devices[i].share_keys_params(), "read_share_keys"),
+    ):  # fmt: skip
+        await run_stage(
+            client, database_url, c, method, everyone, params,
+            lambda i, a, read=read: getattr(c.devices[i], read)(a),
+        )  # fmt: skip
+
+
 async def run_session(client, database_url, c: Cohort, drop: dict[int, set[int]] | None = None):
     """Run all four stages; ``drop[stage]`` are the devices that stop before that stage's call.
     Returns the positions of the survivors (whose masked vectors count) and the last answers."""

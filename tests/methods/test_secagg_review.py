@@ -42,6 +42,7 @@ from tests.methods.test_secagg import (
     run_session,
     run_stage,
     secure_round,
+    through_stage_one,
 )
 from tests.methods.test_secagg_dp import device_bound, secure_dp_round
 
@@ -380,16 +381,7 @@ async def test_an_upload_of_the_wrong_declared_size_is_refused_before_it_is_read
     size, but the bytes are read and hashed first; the size is compared only afterwards."""
     net, _ = mlp_bundle
     c = await secure_round(client, org, mlp_model, net)
-    rid = c.rnd["id"]
-    everyone = range(len(c.devices))
-    for method, params, read in (
-        ("training.secagg.setup", lambda i: c.devices[i].setup_params(rid), "read_setup"),
-        ("training.secagg.share_keys", lambda i: c.devices[i].share_keys_params(), "read_share_keys"),
-    ):  # fmt: skip
-        await run_stage(
-            client, database_url, c, method, everyone, params,
-            lambda i, a, read=read: getattr(c.devices[i], read)(a),
-        )  # fmt: skip
+    await through_stage_one(client, database_url, c)
     size = len(c.devices[0].masked_vector_bytes())
     upload_id = await _bad_upload(client, c.tokens[0], 4 * size)
 
@@ -472,16 +464,8 @@ async def test_a_server_dying_between_the_vector_put_and_its_row_loses_nothing(
     device's retry is taken (same key, overwritten) and the session's result is right."""
     net, _ = mlp_bundle
     c = await secure_round(client, org, mlp_model, net)
-    rid = c.rnd["id"]
     everyone = list(range(len(c.devices)))
-    for method, params, read in (
-        ("training.secagg.setup", lambda i: c.devices[i].setup_params(rid), "read_setup"),
-        ("training.secagg.share_keys", lambda i: c.devices[i].share_keys_params(), "read_share_keys"),
-    ):  # fmt: skip
-        await run_stage(
-            client, database_url, c, method, everyone, params,
-            lambda i, a, read=read: getattr(c.devices[i], read)(a),
-        )  # fmt: skip
+    await through_stage_one(client, database_url, c)
     real = secagg_stages._completed
 
     async def dies(tx, v, device_id, stage):

@@ -17,26 +17,15 @@ from hashlib import sha256
 import aiohttp
 
 from tests.conftest import register_device
+from tests.kernels.test_secagg_primitives import SMALL_ORDER
 from tests.methods.test_secagg import (
     expire_stage,
     run_session,
-    run_stage,
     secure_round,
     sql,
+    through_stage_one,
     upload_vector,
 )
-
-# X25519 u-coordinates of small order, and non-canonical encodings of them (the blocklist of
-# libsodium and of Bernstein's "Curve25519: new Diffie-Hellman speed records" errata).
-SMALL_ORDER = [
-    "0000000000000000000000000000000000000000000000000000000000000000",
-    "0100000000000000000000000000000000000000000000000000000000000000",
-    "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
-    "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
-    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
-]
 
 
 def b64(data: bytes) -> str:
@@ -109,15 +98,7 @@ async def test_a_masked_vector_upload_is_checked_like_an_inline_one(
     net, _ = mlp_bundle
     c = await secure_round(client, org, mlp_model, net)
     rid = c.rnd["id"]
-    everyone = range(len(c.devices))
-    for method, params, read in (
-        ("training.secagg.setup", lambda i: c.devices[i].setup_params(rid), "read_setup"),
-        ("training.secagg.share_keys", lambda i: c.devices[i].share_keys_params(), "read_share_keys"),
-    ):  # fmt: skip
-        await run_stage(
-            client, database_url, c, method, everyone, params,
-            lambda i, a, read=read: getattr(c.devices[i], read)(a),
-        )  # fmt: skip
+    await through_stage_one(client, database_url, c)
     d0, d1 = c.devices[0], c.devices[1]
     mine = await upload_vector(client, c.tokens[0], d0.masked_vector_bytes())
 
