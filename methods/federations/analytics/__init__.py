@@ -7,6 +7,8 @@ fedrpc/services/analytics_questions.py and analytics_answers.py (docs/analytics.
 
 from __future__ import annotations
 
+from typing import Any
+
 from fedrpc.context import Context
 from fedrpc.registry import ORG, rpc_method
 from fedrpc.services import analytics_answers as answers
@@ -24,60 +26,38 @@ from schemas.federations.analytics import (
 )
 
 
-@rpc_method(ORG)
-async def descriptive(ctx: Context, p: DescriptiveParams) -> DescriptiveResult:
-    """Per group and overall: count, mean, median, std_dev, percentiles, missing (min and max
-    where the federation allows them), an optional histogram; small groups are suppressed."""
+async def _ask(ctx: Context, p: Any, query_type: str, answer: Any) -> Any:
+    """A member asks; the question is answered under the federation's policy and recorded."""
     await federation_for_member(ctx, p.federation_id)
     policy = await policy_of(ctx.db, p.federation_id)
     return await recorded(
-        ctx.db,
-        ctx.org_id,
-        "descriptive",
-        p,
-        lambda qid: answers.descriptive(ctx.db, policy, ctx.org_id, qid, p),
+        ctx.db, ctx.org_id, query_type, p, lambda qid: answer(ctx.db, policy, ctx.org_id, qid, p)
     )
+
+
+@rpc_method(ORG)
+async def descriptive(ctx: Context, p: DescriptiveParams) -> DescriptiveResult:
+    """Per group and overall: count, mean, std_dev, missing, and order statistics (min, max,
+    median, percentiles, histogram) of other organizations' devices where the federation
+    allows them; groups below the privacy floor are suppressed."""
+    return await _ask(ctx, p, "descriptive", answers.descriptive)
 
 
 @rpc_method(ORG)
 async def t_test(ctx: Context, p: TTestParams) -> TTestResult:
     """Welch's (or Student's) t-test of mean(group_a) - mean(group_b) with its confidence
     interval and Cohen's d; a group below the privacy floor is `precondition_failed`."""
-    await federation_for_member(ctx, p.federation_id)
-    policy = await policy_of(ctx.db, p.federation_id)
-    return await recorded(
-        ctx.db,
-        ctx.org_id,
-        "t_test",
-        p,
-        lambda qid: answers.t_test(ctx.db, policy, ctx.org_id, qid, p),
-    )
+    return await _ask(ctx, p, "t_test", answers.t_test)
 
 
 @rpc_method(ORG)
 async def anova(ctx: Context, p: AnovaParams) -> AnovaResult:
     """One-way ANOVA across the shown groups with eta squared and Tukey-Kramer HSD pairs."""
-    await federation_for_member(ctx, p.federation_id)
-    policy = await policy_of(ctx.db, p.federation_id)
-    return await recorded(
-        ctx.db,
-        ctx.org_id,
-        "anova",
-        p,
-        lambda qid: answers.anova(ctx.db, policy, ctx.org_id, qid, p),
-    )
+    return await _ask(ctx, p, "anova", answers.anova)
 
 
 @rpc_method(ORG)
 async def chi_square(ctx: Context, p: ChiSquareParams) -> ChiSquareResult:
     """Chi-square test of independence of two categorical variables over the members'
     devices (each counted once, by its latest category of each), with Cramer's V."""
-    await federation_for_member(ctx, p.federation_id)
-    policy = await policy_of(ctx.db, p.federation_id)
-    return await recorded(
-        ctx.db,
-        ctx.org_id,
-        "chi_square",
-        p,
-        lambda qid: answers.chi_square(ctx.db, policy, ctx.org_id, qid, p),
-    )
+    return await _ask(ctx, p, "chi_square", answers.chi_square)
