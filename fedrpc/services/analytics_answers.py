@@ -25,6 +25,7 @@ from fedrpc.services.analytics_questions import (
     domain_of,
     floor_of,
     interval,
+    merged_row,
     nothing_to_show,
     numeric_groups,
     own_only,
@@ -47,7 +48,7 @@ from schemas.federations.analytics import (
 
 
 class _Percentiles(msgspec.Struct):
-    group_id: str = "overall"
+    group_id: str | None = None  # None: over all the shown groups
     percentiles: list[float] | None = None
 
 
@@ -87,19 +88,25 @@ async def descriptive(
     if p.dp is not None:
         return await analytics_dp.descriptive(db, policy, query_id, p, scope)
     floor = floor_of(policy, p.filters)
-    shown, suppressed = await numeric_groups(db, scope, floor)
+    shown, suppressed, overlapping = await numeric_groups(db, scope, floor)
     if not shown:
         raise nothing_to_show(floor, suppressed)
     visible = scope.sql(group_ids=[r.group_id for r in shown])
-    pct: dict[str, list[float]] = {}
-    overall_pct = None
+    pct: dict[str | None, list[float]] = {}
     if p.include_percentiles:
         rows = await db.all("federations.analytics.list_group_percentiles", _Percentiles, **visible)
         pct = {r.group_id: r.percentiles for r in rows}
-        overall_pct = (
-            await db.get("federations.analytics.find_overall_percentiles", _Percentiles, **visible)
-        ).percentiles
-    overall = await db.get("federations.analytics.find_overall_summary", SummaryRow, **visible)
+    if overlapping:  # a device in two shown groups: overall counts its observations once
+        overall = await db.get("federations.analytics.find_overall_summary", SummaryRow, **visible)
+        if p.include_percentiles:
+            pct[None] = (
+                await db.get(
+                    "federations.analytics.find_overall_percentiles", _Percentiles, **visible
+                )
+            ).percentiles
+    else:
+        overall = merged_row(shown)
+    overall_pct = pct.get(None)
     order = {r.group_id: policy.allow_min_max or own_only(scope, r.group_id) for r in shown}
     groups = [_stats(r, order[r.group_id], pct.get(r.group_id)) for r in shown]
     if p.histogram is not None:
@@ -161,7 +168,7 @@ async def t_test(
         floor = floor_of(policy, None)
     else:
         floor = floor_of(policy, p.filters)
-        shown, _ = await numeric_groups(db, scope, floor)
+        shown = (await numeric_groups(db, scope, floor)).shown
         found, charge = {r.group_id: r.summary() for r in shown}, None
     missing = [g for g in (p.group_a, p.group_b) if g not in found]
     if missing:
@@ -198,7 +205,7 @@ async def anova(
         floor, suppressed = floor_of(policy, None), [g for g in domain if g not in found]
     else:
         floor = floor_of(policy, p.filters)
-        shown, suppressed = await numeric_groups(db, scope, floor)
+        shown, suppressed, _ = await numeric_groups(db, scope, floor)
         found, charge = {r.group_id: r.summary() for r in shown}, None
     if len(found) < 2:
         raise PreconditionFailed(

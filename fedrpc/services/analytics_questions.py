@@ -14,7 +14,7 @@ Every question is recorded (``analytics_queries``), failed ones too.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
@@ -142,11 +142,67 @@ async def domain_of(db: Database, scope: Scope, found: list[str]) -> list[str]:
     return found
 
 
-async def numeric_groups(
-    db: Database, scope: Scope, floor: int
-) -> tuple[list[SummaryRow], list[str]]:
-    """The groups with at least ``floor`` devices, and the ids of the others asked about."""
-    rows = await db.all("federations.analytics.list_numeric_summaries", SummaryRow, **scope.sql())
+class _DevicePart(msgspec.Struct):
+    group_id: str
+    device_id: str
+    n: int
+    missing: int
+    centre: float
+    shift: float
+    m2_about_centre: float
+    min: float | None
+    max: float | None
+
+
+class Grouped(NamedTuple):
+    shown: list[SummaryRow]
+    suppressed: list[str]
+    overlapping: bool  # some device is in two shown groups
+
+
+def _group_row(parts: list[_DevicePart]) -> SummaryRow:
+    # Sums about one centre add up; devices are the parts with a value.
+    values = [x for x in parts if x.n]
+    return SummaryRow(
+        group_id=parts[0].group_id,
+        devices=len(values),
+        n=sum(x.n for x in parts),
+        missing=sum(x.missing for x in parts),
+        centre=parts[0].centre,
+        shift=sum(x.shift for x in parts),
+        m2_about_centre=sum(x.m2_about_centre for x in parts),
+        min=min((x.min for x in values), default=None),
+        max=max((x.max for x in values), default=None),
+    )
+
+
+def merged_row(rows: list[SummaryRow], group_id: str = "overall") -> SummaryRow:
+    """Groups without a device in common, as one (Chan's exact merge)."""
+    merged = stats.merge([r.summary() for r in rows])
+    return SummaryRow(
+        group_id=group_id,
+        devices=sum(r.devices for r in rows),
+        n=merged.n,
+        missing=sum(r.missing for r in rows),
+        centre=merged.mean,
+        shift=0.0,
+        m2_about_centre=merged.m2,
+        min=merged.min,
+        max=merged.max,
+    )
+
+
+async def numeric_groups(db: Database, scope: Scope, floor: int) -> Grouped:
+    """The groups with at least ``floor`` devices, the ids of the others asked about, and
+    whether a device is in two shown groups. One row per (group, device) comes back:
+    its count of devices needs no ``count(DISTINCT)`` sort."""
+    parts = await db.all(
+        "federations.analytics.list_group_device_summaries", _DevicePart, **scope.sql()
+    )
+    by_group: dict[str, list[_DevicePart]] = {}
+    for x in parts:
+        by_group.setdefault(x.group_id, []).append(x)
+    rows = [_group_row(by_group[g]) for g in sorted(by_group)]
     domain = await domain_of(db, scope, [r.group_id for r in rows])
     if len(domain) > MAX_GROUPS:
         raise BadRequest(
@@ -155,7 +211,8 @@ async def numeric_groups(
         )
     shown = [r for r in rows if r.devices >= floor]
     ids = {r.group_id for r in shown}
-    return shown, [g for g in domain if g not in ids]
+    in_shown = [x.device_id for x in parts if x.group_id in ids and x.n]
+    return Grouped(shown, [g for g in domain if g not in ids], len(in_shown) != len(set(in_shown)))
 
 
 def nothing_to_show(floor: int, suppressed: list[str]) -> PreconditionFailed:

@@ -455,3 +455,21 @@ async def test_kinds_are_fixed_and_batches_bounded_and_idempotent(
         device["token"],
     )
     assert err["data"]["type"] == "bad_request" and "device_id" in err["data"]["message"]
+
+
+async def test_overall_counts_a_device_in_two_groups_once(client, org, other_org):
+    fed = await analytics_federation(client, org, other_org, min_group_size=2)
+    devs = await devices(client, org, 5)
+    await group_of(client, org, devs[:3], "a")
+    await group_of(client, org, devs[2:], "b")  # devs[2] is in both
+    values = np.random.default_rng(9).normal(3, 1, 15)
+    await report_values(client, devs, values)
+
+    got = await client.ok(
+        "federations.analytics.descriptive",
+        {"federation_id": fed["id"], "variable": "x"},
+        org.token,
+    )
+
+    assert sorted(g["count"] for g in got["groups"]) == [9, 9]
+    check_group(got["overall"], values)  # 15 observations, not 18

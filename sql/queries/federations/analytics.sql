@@ -27,27 +27,26 @@ WITH scoped AS (
 SELECT group_id, count(*) AS n, sum(y) AS sum, sum(y * y) AS sum_squares
 FROM per_device GROUP BY group_id ORDER BY group_id;
 
--- name: list_numeric_summaries
--- Per group: its devices, count, missing, and mean and M2 in two passes about a provisional centre (stable at 1e8 + N(0,1)), min, max.
-WITH scoped AS (
-    SELECT group_id, device_id, value, category
+-- name: list_group_device_summaries
+-- Per (group, device): count, missing, min, max and sums about the group's provisional centre (its avg: two hash-aggregate passes, no sort; stable at 1e8 + N(0,1)).
+WITH centre AS (
+    SELECT group_id, coalesce(avg(value), 0) AS centre
     FROM analytics_scope(%(federation_id)s, %(org_id)s, %(variable)s, %(group_by)s, %(group_ids)s,
                          %(start_time)s, %(end_time)s, %(device_platform)s)
-), centre AS (
-    SELECT group_id, coalesce(avg(value), 0) AS centre FROM scoped GROUP BY group_id
+    GROUP BY group_id
 )
-SELECT s.group_id, count(DISTINCT s.device_id) FILTER (WHERE s.value IS NOT NULL) AS devices,
-       count(s.value) AS n,
+SELECT s.group_id, s.device_id, count(s.value) AS n,
        count(*) FILTER (WHERE s.value IS NULL AND s.category IS NULL) AS missing,
        c.centre, coalesce(sum(s.value - c.centre), 0) AS shift,
        coalesce(sum((s.value - c.centre) ^ 2), 0) AS m2_about_centre,
        min(s.value) AS min, max(s.value) AS max
-FROM scoped AS s JOIN centre AS c USING (group_id)
-GROUP BY s.group_id, c.centre
-ORDER BY s.group_id;
+FROM analytics_scope(%(federation_id)s, %(org_id)s, %(variable)s, %(group_by)s, %(group_ids)s,
+                     %(start_time)s, %(end_time)s, %(device_platform)s) AS s
+JOIN centre AS c USING (group_id)
+GROUP BY s.group_id, s.device_id, c.centre;
 
 -- name: find_overall_summary
--- The same over the distinct observations of the shown groups (a device in two groups counts once).
+-- Summary over the distinct observations of the shown groups when some device is in two of them (counted once).
 WITH scoped AS (
     SELECT DISTINCT ON (id) device_id, value, category
     FROM analytics_scope(%(federation_id)s, %(org_id)s, %(variable)s, %(group_by)s, %(group_ids)s,
@@ -66,16 +65,15 @@ FROM scoped AS s CROSS JOIN centre AS c
 GROUP BY c.centre;
 
 -- name: list_group_percentiles
--- Per shown group: the 25th, 50th and 75th percentiles, linear interpolation (numpy's default).
+-- Per shown group and over them all (group_id null; a device in two groups counted twice there): the 25th, 50th and 75th percentiles, linear interpolation (numpy's default).
 SELECT group_id, percentile_cont(ARRAY[0.25, 0.5, 0.75]) WITHIN GROUP (ORDER BY value) AS percentiles
 FROM analytics_scope(%(federation_id)s, %(org_id)s, %(variable)s, %(group_by)s, %(group_ids)s,
                      %(start_time)s, %(end_time)s, %(device_platform)s)
 WHERE value IS NOT NULL
-GROUP BY group_id
-ORDER BY group_id;
+GROUP BY GROUPING SETS ((group_id), ());
 
 -- name: find_overall_percentiles
--- The same over the distinct observations of the shown groups.
+-- The percentiles over the distinct observations of the shown groups when some device is in two of them.
 SELECT percentile_cont(ARRAY[0.25, 0.5, 0.75]) WITHIN GROUP (ORDER BY value) AS percentiles
 FROM (SELECT DISTINCT ON (id) value
       FROM analytics_scope(%(federation_id)s, %(org_id)s, %(variable)s, %(group_by)s, %(group_ids)s,
