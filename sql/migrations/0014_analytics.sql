@@ -68,7 +68,7 @@ CREATE FUNCTION analytics_scope(
 ) RETURNS TABLE (
     id bigint, group_id text, device_id text, org_id text, value double precision, category text,
     recorded_at timestamptz
-) LANGUAGE sql STABLE AS $$
+) LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT o.id, k.group_id, o.device_id, o.org_id, o.value, o.category, o.recorded_at
     FROM analytics_observations AS o
     JOIN federation_members AS m
@@ -81,4 +81,8 @@ CREATE FUNCTION analytics_scope(
       AND (p_end IS NULL OR o.recorded_at < p_end)
       AND (p_platform IS NULL OR o.platform = p_platform)
       AND (p_group_ids IS NULL OR k.group_id = ANY (p_group_ids))
+      -- The same test before the unnest, so rows of other groups are dropped early.
+      AND (p_group_ids IS NULL
+           OR CASE WHEN p_group_by = 'federation_member' THEN o.org_id = ANY (p_group_ids)
+                   ELSE o.group_ids && p_group_ids END)
 $$;
