@@ -22,7 +22,7 @@ from fedrpc.fl import stats
 from fedrpc.fl.privacy import RoundCharge
 from fedrpc.fl.stats import dp as stats_dp
 from fedrpc.services import privacy_budget
-from fedrpc.services.analytics_questions import floor_of
+from fedrpc.services.analytics_questions import domain_of, floor_of
 from schemas.federations.analytics import DescriptiveResult, DpCharge, GroupStats
 
 
@@ -33,19 +33,15 @@ class _Sums(msgspec.Struct):
     sum_squares: float
 
 
-async def _domain(db: Database, p: Any, scope: Any) -> list[str]:
-    if scope.group_ids is not None:
-        return list(dict.fromkeys(scope.group_ids))
-    if scope.group_by == "federation_member":
-        rows = await db.all(
-            "federations.analytics.list_member_orgs", dict, federation_id=p.federation_id
+async def _domain(db: Database, scope: Any) -> list[str]:
+    # Fixed by the question (domain_of), never found in the data: named groups, or members.
+    if scope.group_ids is None and scope.group_by != "federation_member":
+        raise BadRequest(
+            "with dp, name the device groups (group_ids): which groups exist must not depend "
+            "on the data",
+            field="group_ids",
         )
-        return [r["org_id"] for r in rows]
-    raise BadRequest(
-        "with dp, name the device groups (group_ids): which groups exist must not depend on "
-        "the data",
-        field="group_ids",
-    )
+    return await domain_of(db, scope, [])
 
 
 async def summaries(
@@ -55,7 +51,7 @@ async def summaries(
     dp = p.dp
     if not dp.lower < dp.upper:
         raise BadRequest("dp.lower must be below dp.upper", field="dp")
-    domain = await _domain(db, p, scope)
+    domain = await _domain(db, scope)
     delta = policy.total_delta_budget or privacy_budget.DEFAULT_DELTA
     z = stats_dp.noise_multiplier_for(dp.epsilon, delta)
     mid = (dp.lower + dp.upper) / 2
@@ -90,7 +86,7 @@ async def descriptive(
     if p.histogram is not None:
         raise BadRequest("a histogram is not available with dp", field="histogram")
     shown, charge = await summaries(db, policy, query_id, p, scope)
-    domain = await _domain(db, p, scope)
+    domain = await _domain(db, scope)
     suppressed = [g for g in domain if g not in shown]
     if not shown:
         raise PreconditionFailed(
