@@ -45,7 +45,8 @@ async def test_a_dp_question_is_charged_as_dp_accounting_says_and_shows_no_singl
     client, org, other_org
 ):
     fed = await analytics_federation(client, org, other_org, allow_min_max=True)
-    await clipped_devices(client, org, 15, np.random.default_rng(1))
+    # 30 devices: the noised count (std about 4 at epsilon 2) stays above the floor of 10.
+    await clipped_devices(client, org, 30, np.random.default_rng(1))
 
     got = await client.ok("federations.analytics.descriptive", ask(fed), other_org.token)
 
@@ -61,9 +62,10 @@ async def test_a_dp_question_is_charged_as_dp_accounting_says_and_shows_no_singl
     assert entry["sample_rate"] == 1.0 and entry["num_steps"] == 1
     # No percentiles, min or max under dp (they would be single devices' values); the
     # member without devices has a noised count below the floor: suppressed, not shown.
-    (group,) = got["groups"]
-    assert group["group_id"] == org.id
-    assert got["suppressed_groups"] == [other_org.id]
+    # (The member has no devices: its noised count, of std about 4, is almost always below
+    # the floor of 10, but reaching it is what the mechanism allows: not asserted.)
+    (group,) = [g for g in got["groups"] if g["group_id"] == org.id]
+    assert org.id not in got["suppressed_groups"]
     for hidden in ("min", "max", "median", "percentiles", "missing"):
         assert hidden not in group
 
@@ -74,7 +76,7 @@ async def test_dp_noise_has_the_calibrated_size(client, org, other_org):
     counts, averages, zs = [], [], set()
     for _ in range(40):
         got = await client.ok("federations.analytics.descriptive", ask(fed), org.token)
-        (group,) = got["groups"]
+        (group,) = [g for g in got["groups"] if g["group_id"] == org.id]
         counts.append(group["count"])
         averages.append(group["mean"])
         zs.add(got["dp"]["noise_multiplier"])
