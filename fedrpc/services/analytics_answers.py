@@ -22,7 +22,6 @@ from fedrpc.services.analytics_questions import (
     SummaryRow,
     check_kind,
     check_spending,
-    domain_of,
     floor_of,
     interval,
     merged_row,
@@ -164,8 +163,8 @@ async def t_test(
         raise BadRequest("group_a and group_b must be different groups", field="group_b")
     scope = Scope.of(p, org_id, p.variable, p.group_by, [p.group_a, p.group_b])
     if p.dp is not None:
-        found, charge = await analytics_dp.summaries(db, policy, query_id, p, scope)
-        floor = floor_of(policy, None)
+        found, _, charge = await analytics_dp.summaries(db, policy, query_id, p, scope)
+        floor = floor_of(policy, p.filters)
     else:
         floor = floor_of(policy, p.filters)
         shown = (await numeric_groups(db, scope, floor)).shown
@@ -200,9 +199,8 @@ async def anova(
     check_spending(policy, org_id, p.dp, "anova")
     scope = Scope.of(p, org_id, p.variable, p.group_by, p.group_ids)
     if p.dp is not None:
-        found, charge = await analytics_dp.summaries(db, policy, query_id, p, scope)
-        domain = await domain_of(db, scope, list(found))
-        floor, suppressed = floor_of(policy, None), [g for g in domain if g not in found]
+        found, suppressed, charge = await analytics_dp.summaries(db, policy, query_id, p, scope)
+        floor = floor_of(policy, p.filters)
     else:
         floor = floor_of(policy, p.filters)
         shown, suppressed, _ = await numeric_groups(db, scope, floor)

@@ -46,8 +46,9 @@ async def _domain(db: Database, scope: Any) -> list[str]:
 
 async def summaries(
     db: Database, policy: Any, query_id: str, p: Any, scope: Any
-) -> tuple[dict[str, stats.GroupSummary], DpCharge]:
-    """Each group of the question's domain whose noised count reaches the floor, and the charge."""
+) -> tuple[dict[str, stats.GroupSummary], list[str], DpCharge]:
+    """Each group of the question's domain whose noised count reaches the floor, the others
+    (suppressed), and the charge."""
     dp = p.dp
     if not dp.lower < dp.upper:
         raise BadRequest("dp.lower must be below dp.upper", field="dp")
@@ -75,7 +76,7 @@ async def summaries(
         if noised is not None and noised.n >= floor_of(policy, p.filters):
             shown[g] = noised
     charge = DpCharge(epsilon=entry.round_epsilon_cost, delta=entry.delta, noise_multiplier=z)
-    return shown, charge
+    return shown, [g for g in domain if g not in shown], charge
 
 
 async def descriptive(
@@ -85,9 +86,7 @@ async def descriptive(
     histogram: they would need a privacy mechanism of their own)."""
     if p.histogram is not None:
         raise BadRequest("a histogram is not available with dp", field="histogram")
-    shown, charge = await summaries(db, policy, query_id, p, scope)
-    domain = await _domain(db, scope)
-    suppressed = [g for g in domain if g not in shown]
+    shown, suppressed, charge = await summaries(db, policy, query_id, p, scope)
     if not shown:
         raise PreconditionFailed(
             f"no group's noised count reaches {floor_of(policy, p.filters)}: nothing can be shown "

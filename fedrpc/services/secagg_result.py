@@ -46,7 +46,9 @@ def spec_of(config: dict[str, Any]) -> quantize.QuantSpec:
     )
 
 
-class _Share(msgspec.Struct):
+class ShareRow(msgspec.Struct):
+    """One stage-3 share as stored: ``holder`` gave it, of ``owner``'s secret ``kind``."""
+
     holder: int
     owner: int
     kind: str
@@ -161,7 +163,7 @@ async def finish(
     Returns why it could not instead: shares that do not add up (``may_wait``:
     more shares may outvote a wrong one), or vectors that do not.
     """
-    rows = await db.all("training.secagg.list_shares", _Share, session_id=s.id)
+    rows = await db.all("training.secagg.list_shares", ShareRow, session_id=s.id)
     shares: dict[tuple[str, int], dict[int, bytes]] = {}
     for r in rows:
         shares.setdefault((r.kind, r.owner), {})[r.holder] = r.share

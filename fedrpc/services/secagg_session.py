@@ -144,7 +144,6 @@ def _initial_config(session_id: str, target: Target) -> dict[str, Any]:
         "dimension": dimension,
         "tensors": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in floating],
         "threshold": threshold,
-        "max_devices": target.selected_count,
         "requested_neighbours": sc.get("neighbours"),
         "dropout_fraction": sc.get("dropout_fraction", 1 / 3),
         "corruption_fraction": sc.get("corruption_fraction", 0.05),

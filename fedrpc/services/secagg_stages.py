@@ -17,6 +17,7 @@ from fedrpc.fl import InvalidInput
 from fedrpc.fl.secagg import keys, shamir
 from fedrpc.services import secagg_session as sess
 from fedrpc.services.policy import counts_visible, weight_visible
+from fedrpc.services.secagg_result import ShareRow
 from fedrpc.services.secagg_session import View
 from fedrpc.storage import Storage
 from schemas.training.secagg import (
@@ -301,13 +302,6 @@ async def masked_vectors(
         return answer
 
 
-class _ShareRow(msgspec.Struct):
-    holder: int
-    owner: int
-    kind: str
-    share: bytes
-
-
 def _check_shares(v: View, index: int, shares: list[Share]) -> list[int]:
     """The owners device ``index`` was asked about, once its answer holds only what was asked."""
     survivors, dropped = sess.unmask_request(v, index)
@@ -341,7 +335,7 @@ async def unmask(
         if me.done >= 3:
             rows = await tx.all(
                 "training.secagg.list_shares_from_holder",
-                _ShareRow,
+                ShareRow,
                 session_id=v.session.id,
                 holder=me.idx,
             )
