@@ -1,4 +1,4 @@
-"""`fedrpc serve | migrate | admin create-org NAME | call METHOD --params JSON`.
+"""`fedrpc serve | migrate | admin create-org NAME | call METHOD --params JSON | simulate`.
 
 Without DATABASE_URL the commands use the embedded PostgreSQL under
 ``FEDRPC_DATA_DIR/pg`` (default ``.data/pg``), so `fedrpc admin` run from the
@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument("--params", help="JSON object or array")
     call.add_argument("--timeout", type=float, default=60)
     call.set_defaults(run=cmd_call)
+    from fedrpc.sim.command import add_parser as add_simulate
+
+    add_simulate(sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -9,15 +9,22 @@ doubles a side effect). Errors raise the server's own exception types by
 ``data.type`` (``fedrpc.errors``: ``NotFound``, ``Forbidden``,
 ``PrivacyBudgetExhausted``...). Retries with exponential backoff and jitter
 on HTTP 429 and 503 and on connection errors, honouring ``Retry-After``.
+
+A few calls are more than one server method (``_HELPERS``):
+``client.models.versions.create_from_module(model_id=..., module=...,
+example_input=...)`` builds the three artifacts of a base version from a torch
+module and sends each inline or through a presigned upload by its size
+(:meth:`Client.payload`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -29,6 +36,9 @@ __all__ = ["Client", "SyncClient", "error_from"]
 
 _BY_TYPE = {cls.type: cls for cls in errors.APP_ERRORS}
 _RETRY_STATUS = {429, 503}
+#: Payloads up to this size go inline (base64 in the JSON body); larger ones through
+#: uploads.create and a presigned PUT, which the server's body limit does not bound.
+INLINE_MAX_BYTES = 8 * 1024 * 1024
 
 
 class _Envelope(msgspec.Struct):
@@ -58,10 +68,13 @@ class _Namespace:
     def __init__(self, client: Client, prefix: str) -> None:
         self._client, self._prefix = client, prefix
 
-    def __getattr__(self, name: str) -> _Namespace:
+    def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        return _Namespace(self._client, f"{self._prefix}.{name}")
+        dotted = f"{self._prefix}.{name}"
+        if dotted in _HELPERS:
+            return functools.partial(_HELPERS[dotted], self._client)
+        return _Namespace(self._client, dotted)
 
     async def __call__(self, **params: Any) -> Any:
         return await self._client.call(self._prefix, params)
@@ -92,9 +105,11 @@ class Client:
         backoff: float = 0.2,
         max_backoff: float = 10.0,
         timeout: float = 120.0,
+        inline_max_bytes: int = INLINE_MAX_BYTES,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.url, self.token = url, token
+        self.inline_max_bytes = inline_max_bytes
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session, self._own = session, session is None
@@ -125,9 +140,14 @@ class Client:
         self._ids += 1
         return {"jsonrpc": "2.0", "method": method, "params": params, "id": self._ids}
 
-    async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """One call; its Result Struct (or plain JSON for a method this SDK does not know)."""
-        (envelope,) = await self._post([self._request(method, params)])
+    async def call(
+        self, method: str, params: dict[str, Any] | None = None, *, token: str | None = None
+    ) -> Any:
+        """One call; its Result Struct (or plain JSON for a method this SDK does not know).
+
+        ``token`` replaces the client's own for this call (a device registering with its
+        organization's key)."""
+        (envelope,) = await self._post([self._request(method, params)], token)
         return self._outcome(method, envelope, raise_errors=True)
 
     async def batch(self, calls: Sequence[tuple[str, dict[str, Any] | None]]) -> list[Any]:
@@ -146,13 +166,58 @@ class Client:
         kind = Any if spec is None else spec.result_type
         return msgspec.json.decode(envelope.result, type=kind)
 
-    async def _post(self, requests: list[dict[str, Any]]) -> list[_Envelope]:
+    async def payload(self, purpose: str, data: bytes) -> dict[str, Any]:
+        """A ``Payload`` param for ``data``: inline up to ``inline_max_bytes``, else uploaded
+        (``uploads.create`` for ``purpose``, then a PUT to its presigned URL) and named by id."""
+        if len(data) <= self.inline_max_bytes:
+            return {"data": data}
+        upload = await self.call(
+            "uploads.create",
+            {
+                "purpose": purpose,
+                "size_bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            },
+        )
+        await self.put(upload.url, data, method=upload.method)
+        return {"upload_id": upload.upload_id}
+
+    async def put(self, url: str, data: bytes, *, method: str = "PUT") -> None:
+        """Send bytes to a presigned URL, retried like a call (the object is the same bytes)."""
+        await self._send(method, url, data, {}, lambda status: status < 300)
+
+    async def get(self, url: str) -> bytes:
+        """The bytes at a presigned URL (a version's artifact)."""
+        return await self._send("GET", url, None, {}, lambda status: status < 300)
+
+    async def _send(self, method, url, data, headers, ok: Callable[[int], bool]) -> bytes:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        for attempt in range(self.retries + 1):
+            try:
+                async with self._session.request(method, url, data=data, headers=headers) as resp:
+                    raw = await resp.read()
+                    if ok(resp.status):
+                        return raw
+                    if attempt == self.retries or (
+                        resp.status not in _RETRY_STATUS and resp.status < 500
+                    ):
+                        raise errors.AppError(f"{method} of a presigned URL answered {resp.status}")
+            except (TimeoutError, aiohttp.ClientConnectionError):
+                if attempt == self.retries:
+                    raise
+            await asyncio.sleep(self._delay(attempt))
+        raise AssertionError("unreachable")
+
+    async def _post(
+        self, requests: list[dict[str, Any]], token: str | None = None
+    ) -> list[_Envelope]:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         body = msgspec.json.encode(requests if len(requests) > 1 else requests[0])
         headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        if token or self.token:
+            headers["Authorization"] = f"Bearer {token or self.token}"
         for attempt in range(self.retries + 1):
             wait = None
             try:
@@ -175,6 +240,35 @@ class Client:
         if count == 1:
             return [msgspec.json.decode(raw, type=_Envelope)]
         return msgspec.json.decode(raw, type=list[_Envelope])
+
+
+async def create_from_module(
+    client: Client,
+    *,
+    model_id: str,
+    module: Any,
+    example_input: Any,
+    description: str = "",
+) -> Any:
+    """Register ``module`` as a new base version of ``model_id``
+    (``models.versions.create``): its state dict, ONNX graph and torch.export
+    program (:func:`fedrpc.client.artifacts.module_artifacts`), each sent
+    inline or through a presigned upload by its size."""
+    from fedrpc.client.artifacts import module_artifacts
+
+    files = await asyncio.to_thread(module_artifacts, module, example_input)
+    sent = {kind: await client.payload("model_artifact", data) for kind, data in files.items()}
+    return await client.call(
+        "models.versions.create",
+        {"model_id": model_id, "description": description, "weights_encoding": "safetensors"}
+        | sent,
+    )
+
+
+#: Calls that are more than one server method, by the dotted name they answer to.
+_HELPERS: dict[str, Callable[..., Awaitable[Any]]] = {
+    "models.versions.create_from_module": create_from_module,
+}
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -213,10 +307,14 @@ class _SyncNamespace:
     def __init__(self, client: SyncClient, prefix: str) -> None:
         self._client, self._prefix = client, prefix
 
-    def __getattr__(self, name: str) -> _SyncNamespace:
+    def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        return _SyncNamespace(self._client, f"{self._prefix}.{name}")
+        dotted = f"{self._prefix}.{name}"
+        if dotted in _HELPERS:
+            helper = _HELPERS[dotted]
+            return lambda **kw: asyncio.run(self._client._run(lambda c: helper(c, **kw)))
+        return _SyncNamespace(self._client, dotted)
 
     def __call__(self, **params: Any) -> Any:
         return self._client.call(self._prefix, params)
