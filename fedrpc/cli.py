@@ -255,4 +255,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m fedrpc.cli` runs this file as __main__; run the imported module instead, so
+    # that CliError raised by the commands' modules (fedrpc.sim.command) is the one caught.
+    from fedrpc.cli import main as imported_main
+
+    sys.exit(imported_main())

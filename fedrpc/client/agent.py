@@ -82,6 +82,7 @@ class RoundOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None  # the server's data.type, or the exception's class name
     clipped: bool = False
+    sent: bool = False  # the server holds this device's update (a dropout may come after)
 
 
 TrainFn = Callable[[LocalTask], LocalResult | Awaitable[LocalResult]]
@@ -134,6 +135,7 @@ class DeviceAgent:
         self.device_id: str | None = None
         self.next_poll_seconds = 60.0
         self.outcomes: dict[str, RoundOutcome] = {}
+        self._sent = False  # of the round in progress
 
     async def __aenter__(self) -> DeviceAgent:
         return self
@@ -190,7 +192,7 @@ class DeviceAgent:
     async def take_part(self, offer: Any) -> RoundOutcome:
         """Train on ``offer`` and send the update; the outcome (never raises for a server error:
         a failed round is recorded with its ``data.type``)."""
-        job = None
+        job, self._sent = None, False
         try:
             if self.report_jobs:
                 job = await self.client.training.device_jobs.create(
@@ -201,9 +203,9 @@ class DeviceAgent:
                 )
             outcome = await self._round(offer, job)
         except Abandon:
-            outcome = RoundOutcome(offer.round_id, "dropped")
+            outcome = RoundOutcome(offer.round_id, "dropped", sent=self._sent)
         except (errors.AppError, ValueError) as exc:
-            outcome = RoundOutcome(offer.round_id, "failed", error=_kind(exc))
+            outcome = RoundOutcome(offer.round_id, "failed", error=_kind(exc), sent=self._sent)
             if job is not None:
                 with contextlib.suppress(errors.AppError):
                     await self.client.training.device_jobs.update_status(
@@ -260,7 +262,9 @@ class DeviceAgent:
             status = "uploaded"
         if job is not None:
             await self.client.training.device_jobs.complete(job_id=job.id, metrics=result.metrics)
-        return RoundOutcome(offer.round_id, status, samples, dict(result.metrics), clipped=clipped)
+        return RoundOutcome(
+            offer.round_id, status, samples, dict(result.metrics), clipped=clipped, sent=True
+        )
 
     async def _upload(self, offer, base, delta, samples: int, metrics: Mapping) -> None:
         import safetensors.numpy
@@ -279,6 +283,7 @@ class DeviceAgent:
             weights=await self.client.payload("weights", data),
             metrics=dict(metrics),
         )
+        self._sent = True
 
     async def _secure(self, offer: Any, delta: dict[str, np.ndarray], samples: int) -> None:
         device = SecAggDevice(delta, samples, min_threshold=self.min_threshold)
@@ -295,6 +300,7 @@ class DeviceAgent:
             lambda: device.masked_vectors_params(upload_id),
             device.read_masked_vectors,
         )
+        self._sent = True
         await self._step(offer, "unmask", None)
         await self.client.call("training.secagg.unmask", device.unmask_params())
 

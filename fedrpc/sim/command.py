@@ -76,7 +76,7 @@ def config_from(args: argparse.Namespace) -> SimConfig:
     if not 0 <= args.dropout < 1 or not 0 < args.fraction <= 1:
         raise SimulateError("fedrpc simulate: --dropout must be in [0, 1), --fraction in (0, 1]")
     try:
-        digits.partition(digits.load_split(args.seed).y_train[:20], 2, args.partition)
+        digits.partition(digits.load_split().y_train[:20], 2, args.partition)
     except ValueError as exc:
         raise SimulateError(f"fedrpc simulate: --partition {args.partition}: {exc}") from None
     mu = args.mu if args.mu is not None else (0.01 if args.strategy == "fedprox" else 0.0)

@@ -66,7 +66,7 @@ class RoundReport:
     round_id: str
     version: int | None  # None when the round produced no version
     selected: int
-    participants: int  # updates (or masked vectors) the devices sent
+    participants: int  # devices whose update (or masked vector) the server holds
     dropouts: int
     failures: dict[str, int]  # client failures by data.type
     accuracy: float | None
@@ -97,7 +97,7 @@ class _Fleet:
 
     def __init__(self, config: SimConfig, url: str, http: aiohttp.ClientSession) -> None:
         self.config, self.url, self.http = config, url, http
-        self.split = digits.load_split(config.seed)
+        self.split = digits.load_split()  # one held-out set for every seed
         self.parts = digits.partition(
             self.split.y_train, config.devices, config.partition, config.seed
         )
@@ -287,7 +287,7 @@ async def _one_round(
         ).current_epsilon_spent
     return RoundReport(
         number, rnd.id, version, len(selected),
-        statuses["uploaded"] + statuses["masked"], statuses["dropped"], dict(failures),
+        sum(1 for o in outcomes if o is not None and o.sent), statuses["dropped"], dict(failures),
         accuracy, loss, epsilon, time.perf_counter() - started, error,
     )  # fmt: skip
 
