@@ -51,5 +51,6 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-demo:
-	@echo "make demo: not yet"
+# 20 simulated devices, 5 rounds, on a throwaway embedded PostgreSQL, S3 and server.
+demo: $(INSTALLED)
+	$(BIN)/fedrpc simulate --devices 20 --rounds 5 --plot .data/demo.png

@@ -24,7 +24,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,7 +131,8 @@ def main(args: argparse.Namespace) -> int:
                 )
             url = args.url
         else:
-            url, token = stack.enter_context(own_server())
+            server = stack.enter_context(own_server())
+            url, token = server.url, server.token
         report = asyncio.run(_run(config, url, token, quiet=args.quiet))
     print_table(report)
     if args.json:
@@ -208,7 +209,8 @@ def print_table(report: SimReport) -> None:
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     console.print(
-        f"base accuracy {report.base_accuracy:.3f} -> final {_num(report.final_accuracy)}; "
+        f"base accuracy {report.base_accuracy:.3f} -> final {_num(report.final_accuracy)} "
+        f"(centralized training of the same network: {report.centralized_accuracy:.4f}); "
         f"set-up {report.setup_seconds:.1f} s, total {report.seconds:.1f} s"
     )
 
@@ -236,6 +238,9 @@ def plot(report: SimReport, path: Path) -> None:
     left.plot(rounds, [float("nan") if a is None else a for a in accuracy], "o-", label="accuracy")
     left.set_xlabel("round")
     left.set_ylabel("held-out accuracy (ONNX artifact)")
+    left.axhline(
+        report.centralized_accuracy, color="grey", linestyle=":", label="centralized baseline"
+    )
     left.set_ylim(0, 1)
     left.grid(alpha=0.3)
     if report.config.dp:
@@ -248,14 +253,22 @@ def plot(report: SimReport, path: Path) -> None:
     left.set_title(f"fedrpc simulate: {c.devices} devices, {c.partition}, {c.strategy}")
     left.legend(loc="lower left")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 
 
+@dataclass(frozen=True)
+class OwnServer:
+    url: str  # of /rpc
+    token: str  # the organization's admin key
+    pids: tuple[int, ...]  # fedrpc serve, PostgreSQL's postmaster, weed (for CPU accounting)
+
+
 @contextlib.contextmanager
-def own_server() -> Iterator[tuple[str, str]]:
+def own_server() -> Iterator[OwnServer]:
     """A throwaway server: embedded PostgreSQL and S3, an organization, `fedrpc serve` in a
-    child process on a free loopback port; yields its URL and the org's admin key."""
+    child process on a free loopback port."""
     from fedrpc.cli import _create_org, load_settings
     from fedrpc.db import migrate
     from fedrpc.embedded import EmbeddedPostgres, EmbeddedS3
@@ -294,7 +307,7 @@ def own_server() -> Iterator[tuple[str, str]]:
         stack.callback(_stop, server)
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, server, scratch / "server.log")
-        yield f"{url}/rpc", token
+        yield OwnServer(f"{url}/rpc", token, (server.pid, pg.pid, s3.pid))
 
 
 def _free_port() -> int:

@@ -82,6 +82,7 @@ class SimReport:
     model_id: str
     federation_id: str | None
     base_accuracy: float
+    centralized_accuracy: float  # the same network trained on all the training data at once
     rounds: list[RoundReport]
     setup_seconds: float
     seconds: float
@@ -173,6 +174,9 @@ async def simulate(
             description="fedrpc simulate: the untrained base network",
         )
         federation_id = await _federation(admin, config, model.id) if config.dp else None
+        centralized = asyncio.create_task(
+            asyncio.to_thread(digits.centralized_baseline, fleet.split, seed=config.seed)
+        )
         await fleet.register(token)
         evaluator = _Evaluator(admin, fleet.split)
         base_accuracy, _ = await evaluator.score(model.id, version.version)
@@ -189,9 +193,10 @@ async def simulate(
                 on_round(report)
         for agent in fleet.agents.values():
             await agent.close()
+        centralized_accuracy = await centralized
     return SimReport(
-        config, model.id, federation_id, base_accuracy, reports, setup_seconds,
-        time.perf_counter() - started,
+        config, model.id, federation_id, base_accuracy, centralized_accuracy, reports,
+        setup_seconds, time.perf_counter() - started,
     )  # fmt: skip
 
 
