@@ -59,8 +59,10 @@ def tree_cpu(pids) -> float:
 
 
 def run_fedrpc(devices: int, rounds: int, secure: bool) -> dict:
-    from fedrpc.sim.command import own_server
+    from fedrpc.sim.command import one_torch_thread, own_server
     from fedrpc.sim.run import SimConfig, simulate
+
+    one_torch_thread()  # as `fedrpc simulate` runs
 
     config = SimConfig(devices=devices, rounds=rounds, secure_aggregation=secure)
     marks: dict[int, tuple[float, float, float]] = {}

@@ -96,7 +96,8 @@ class DeviceAgent:
     url
         The server's ``/rpc`` URL.
     module_factory
-        Makes the torch module of the model (its shapes must match the model's manifest).
+        Makes the torch module of the model (its shapes must match the model's manifest);
+        called once, the module is kept and each round loads its base weights into it.
     train
         ``train(task) -> LocalResult``, sync or async, trains ``task.module`` in place.
     token, token_path
@@ -135,6 +136,7 @@ class DeviceAgent:
         self.device_id: str | None = None
         self.next_poll_seconds = 60.0
         self.outcomes: dict[str, RoundOutcome] = {}
+        self._module: Any = None
         self._sent = False  # of the round in progress
 
     async def __aenter__(self) -> DeviceAgent:
@@ -231,8 +233,10 @@ class DeviceAgent:
         if len(raw) != offer.weights_size_bytes or _sha256(raw) != offer.weights_sha256:
             raise errors.BadRequest("the base weights do not match the offer's sha256")
         base = safetensors.torch.load(raw)
-        module = self.module_factory()
-        module.load_state_dict(base, strict=True)
+        if self._module is None:
+            self._module = self.module_factory()
+        module = self._module
+        module.load_state_dict(base, strict=True)  # every parameter and buffer: none carries over
         config = offer.client_config
         task = LocalTask(
             round_id=offer.round_id,

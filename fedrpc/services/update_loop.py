@@ -52,6 +52,7 @@ class UpdateRow(msgspec.Struct):
     sample_count: int
     encoding: str
     metrics: dict[str, Any]
+    data: bytes | None = None  # a small update's bytes, kept in its row (no S3 object)
 
 
 def cap_sample_counts(rows: list[UpdateRow], cap: int) -> list[UpdateRow]:
@@ -87,7 +88,8 @@ def read_updates(
     depth = max(1, min(MAX_PREFETCH, MEMORY_BUDGET_BYTES // max(per_update, 1)))
 
     def load(row: UpdateRow) -> np.ndarray:
-        return checked_vector(storage.get_blocking(row.object_key), row, manifest)
+        data = row.data if row.data is not None else storage.get_blocking(row.object_key)
+        return checked_vector(data, row, manifest)
 
     with ThreadPoolExecutor(depth, thread_name_prefix="fedrpc-prefetch") as pool:
         pending: deque[tuple[Future[np.ndarray], int]] = deque()

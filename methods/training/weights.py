@@ -4,15 +4,17 @@ Everything is checked before anything is stored: the round and the device's
 place in it, what the device claims (its sample_count against the round's
 cap, its metric names against the server's own), then the tensors
 themselves (decoded in a worker thread, the file's header compared with the
-manifest before any tensor is read). The raw
-bytes go to the artifact store under a fresh key first, then one row to
-Postgres; if the row cannot be written the object is deleted again, so neither
-exists without the other.
+manifest before any tensor is read). An update of at most
+``row_update_max_bytes`` is kept in its row; a larger one goes to the
+artifact store under a fresh key first, then one row to Postgres; if the row
+cannot be written the object is deleted again, so neither exists without the
+other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from datetime import datetime
 from typing import Any
 
@@ -207,27 +209,43 @@ def _check_update(
 async def _store(ctx: Context, p: UploadParams, data: bytes) -> Update:
     update_id = new_id("upd")
     # A fresh key per attempt (the update id): a refused duplicate never overwrites the accepted object.
-    stored = await ctx.storage.put(f"updates/{p.round_id}/{update_id}", data)
+    key = f"updates/{p.round_id}/{update_id}"
+    if len(data) <= ctx.settings.row_update_max_bytes:  # kept in the row (migration 0015)
+        return await _insert(ctx, p, update_id, key, hashlib.sha256(data).hexdigest(), data)
+    stored = await ctx.storage.put(key, data)
     try:
-        row = await ctx.db.maybe(
-            "training.weights.insert_update",
-            Update,
-            id=update_id,
-            round_id=p.round_id,
-            device_id=ctx.device_id,
-            org_id=ctx.org_id,
-            sample_count=p.sample_count,
-            encoding=p.encoding,
-            object_key=stored.key,
-            sha256=stored.sha256,
-            size_bytes=stored.size_bytes,
-            metrics=jsonb(p.metrics),
-            loss=p.metrics.get("loss"),
-            accuracy=p.metrics.get("accuracy"),
-        )
-        if row is None:  # the round closed (or the deadline passed) while the bytes were checked
-            _refuse_closed(await _find_target(ctx, p))
-        return row
+        return await _insert(ctx, p, update_id, stored.key, stored.sha256, None, stored.size_bytes)
     except BaseException:
         await ctx.storage.delete_quietly([stored.key])
         raise
+
+
+async def _insert(
+    ctx: Context,
+    p: UploadParams,
+    update_id: str,
+    key: str,
+    sha256: str,
+    data: bytes | None,
+    size_bytes: int | None = None,
+) -> Update:
+    row = await ctx.db.maybe(
+        "training.weights.insert_update",
+        Update,
+        id=update_id,
+        round_id=p.round_id,
+        device_id=ctx.device_id,
+        org_id=ctx.org_id,
+        sample_count=p.sample_count,
+        encoding=p.encoding,
+        object_key=key,
+        sha256=sha256,
+        size_bytes=len(data) if data is not None else size_bytes,
+        metrics=jsonb(p.metrics),
+        loss=p.metrics.get("loss"),
+        accuracy=p.metrics.get("accuracy"),
+        data=data,
+    )
+    if row is None:  # the round closed (or the deadline passed) while the bytes were checked
+        _refuse_closed(await _find_target(ctx, p))
+    return row

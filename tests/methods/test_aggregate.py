@@ -6,6 +6,7 @@ import asyncio
 import io
 
 import aiohttp
+import msgspec
 import numpy as np
 import onnxruntime as ort
 import psycopg
@@ -14,10 +15,10 @@ import safetensors.numpy
 import torch
 from minio import Minio
 
-from fedrpc.app import SERVICES
+from fedrpc.app import SERVICES, create_app
 from fedrpc.services.version_artifacts import TEMPLATES
 from fedrpc.tasks import aggregate_due_rounds
-from tests.conftest import register_device
+from tests.conftest import RpcClient, register_device
 from tests.kernels.nets import NETS
 from tests.methods.conftest import b64, inline, shared_federation
 
@@ -354,19 +355,39 @@ async def test_impossible_strategy_parameters_are_refused_and_the_round_stays_re
     ] == 2
 
 
+@pytest.mark.parametrize("kept_in", ["row", "s3"])
 async def test_a_corrupt_update_in_storage_fails_the_round_and_writes_nothing(
-    client, org, mlp_model, mlp_bundle, settings, database_url
+    aiohttp_client, make_org, mlp_bundle, settings, database_url, kept_in
 ):
+    # Small updates are kept in their row by default; with row_update_max_bytes 0, in S3.
+    limit = settings.row_update_max_bytes if kept_in == "row" else 0
+    client = RpcClient(
+        await aiohttp_client(
+            create_app(msgspec.structs.replace(settings, row_update_max_bytes=limit))
+        )
+    )
+    org = await make_org()
+    mlp_model = await client.ok("models.create", {"name": "mlp"}, org.token)
+    await client.ok(
+        "models.versions.create", {"model_id": mlp_model["id"], **inline(mlp_bundle[1])}, org.token
+    )
     rnd, _, _ = await run_round(client, org, mlp_model, mlp_bundle[0])
     s3 = Minio(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key, secure=False)
     before = sorted(
         o.object_name for o in s3.list_objects(settings.s3_bucket, prefix="models/", recursive=True)
     )
-    with psycopg.connect(database_url) as conn:
-        victim = conn.execute(
-            "SELECT object_key FROM training_updates WHERE round_id = %s LIMIT 1", (rnd["id"],)
-        ).fetchone()[0]
-    s3.put_object(settings.s3_bucket, victim, io.BytesIO(b"garbage"), 7)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        victim, in_row = conn.execute(
+            "SELECT object_key, data IS NOT NULL FROM training_updates WHERE round_id = %s LIMIT 1",
+            (rnd["id"],),
+        ).fetchone()
+        assert in_row == (kept_in == "row")
+        if in_row:
+            conn.execute(
+                "UPDATE training_updates SET data = 'garbage' WHERE object_key = %s", (victim,)
+            )
+    if not in_row:
+        s3.put_object(settings.s3_bucket, victim, io.BytesIO(b"garbage"), 7)
     error = await client.error("training.aggregate", {"round_id": rnd["id"]}, org.token)
     assert (
         error["data"]["type"] == "precondition_failed"

@@ -20,6 +20,15 @@ from tests.conftest import register_device
 from tests.methods.conftest import shared_federation
 
 ROUND_UNKNOWN = "rnd_" + "5" * 32
+
+
+@pytest.fixture
+def settings(settings):
+    """Every update in S3: this module checks objects and rows together (the small updates
+    kept in their rows by default are tests/methods/test_row_updates.py's)."""
+    return msgspec.structs.replace(settings, row_update_max_bytes=0)
+
+
 MANIFEST = {"fc1.weight": (16, 6), "fc1.bias": (16,), "fc2.weight": (3, 16), "fc2.bias": (3,)}
 
 

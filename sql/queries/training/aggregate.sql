@@ -28,7 +28,7 @@ WHERE id = %(round_id)s AND state = 'aggregating';
 
 -- name: list_round_updates
 -- The updates of a round from devices that are not revoked, oldest first, with what aggregation needs.
-SELECT u.id, u.device_id, u.object_key, u.sha256, u.sample_count, u.encoding, u.metrics
+SELECT u.id, u.device_id, u.object_key, u.sha256, u.sample_count, u.encoding, u.metrics, u.data
 FROM training_updates AS u JOIN devices AS d ON d.id = u.device_id
 WHERE u.round_id = %(round_id)s AND d.revoked_at IS NULL
 ORDER BY u.received_at, u.id;

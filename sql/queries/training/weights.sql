@@ -29,9 +29,9 @@ WITH open_round AS (
     FOR SHARE
 )
 INSERT INTO training_updates (id, round_id, device_id, org_id, model_id, version, sample_count, update_format,
-                              encoding, object_key, sha256, size_bytes, metrics, loss, accuracy)
+                              encoding, object_key, sha256, size_bytes, metrics, loss, accuracy, data)
 SELECT %(id)s, o.id, %(device_id)s, %(org_id)s, o.model_id, o.base_version, %(sample_count)s, o.update_format,
-       %(encoding)s, %(object_key)s, %(sha256)s, %(size_bytes)s, %(metrics)s, %(loss)s, %(accuracy)s
+       %(encoding)s, %(object_key)s, %(sha256)s, %(size_bytes)s, %(metrics)s, %(loss)s, %(accuracy)s, %(data)s
 FROM open_round AS o
 RETURNING id, round_id, device_id, org_id, model_id, version, sample_count, update_format, encoding, sha256,
           size_bytes, metrics, loss, accuracy, received_at;
