@@ -182,6 +182,8 @@ async def test_the_command_prints_rounds_and_writes_the_plot_and_json(
         (["--dp", "noise=1"], "clip="),
         (["--partition", "zipf"], "--partition"),
         (["--dropout", "1.5"], "--dropout"),
+        (["--epochs", "0"], "--epochs"),
+        (["--learning-rate", "0"], "--learning-rate"),
     ],
 )
 async def test_bad_flags_stop_the_command_with_one_line(flags, message):

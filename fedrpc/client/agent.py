@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import inspect
 import os
@@ -23,16 +24,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from fedrpc import errors
 from fedrpc.client.sdk import Client
 from fedrpc.client.secagg import SecAggDevice
+from schemas.training import ClientConfig
 
 __all__ = ["DeviceAgent", "LocalTask", "LocalResult", "RoundOutcome", "Abandon"]
 
 #: The steps of one round, in order, as ``dropout`` sees them (the secure ones on SecAgg+ rounds).
 STEPS = ("download", "train", "upload", "setup", "share_keys", "masked_vectors", "unmask")
+#: The shortest wait between syncs, whatever the server advises (0 would be a busy loop).
+MIN_POLL_SECONDS = 1.0
 
 
 class Abandon(Exception):
@@ -110,6 +115,15 @@ class DeviceAgent:
         True makes the device vanish from the round there (simulations).
     poll_seconds
         How often a SecAgg+ stage that has not closed is polled again.
+    require_secure_aggregation
+        Refuse every round that is not SecAgg+ (the update never leaves unmasked).
+    min_threshold
+        The smallest SecAgg+ threshold t the device accepts.
+
+    The server is not trusted with more than the protocol gives it: the base weights must
+    match the offer's size and sha256 (the download is cut off past the size), the offer's
+    training settings must be within the server's own bounds (``ClientConfig``), and any
+    failure, the callback's included, ends the round as ``failed`` with its type.
     """
 
     def __init__(
@@ -123,6 +137,7 @@ class DeviceAgent:
         report_jobs: bool = True,
         dropout: Callable[[str, str], bool] | None = None,
         poll_seconds: float = 0.5,
+        require_secure_aggregation: bool = False,
         min_threshold: int = 2,
         **client_options: Any,
     ) -> None:
@@ -133,6 +148,7 @@ class DeviceAgent:
         self.module_factory, self.train = module_factory, train
         self.report_jobs, self.dropout = report_jobs, dropout
         self.poll_seconds, self.min_threshold = poll_seconds, min_threshold
+        self.require_secure_aggregation = require_secure_aggregation
         self.device_id: str | None = None
         self.next_poll_seconds = 60.0
         self.outcomes: dict[str, RoundOutcome] = {}
@@ -158,6 +174,7 @@ class DeviceAgent:
         if self.token_path is not None:
             self.token_path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # the mode of os.open applies only to a file it creates
             with os.fdopen(fd, "w") as f:
                 f.write(result.token)
         return result.token
@@ -167,7 +184,8 @@ class DeviceAgent:
     async def sync(self, **reported: Any) -> Any:
         """One heartbeat (``devices.sync`` params in ``reported``); its result."""
         result = await self.client.devices.sync(**reported)
-        self.device_id, self.next_poll_seconds = result.device_id, result.next_poll_interval_seconds
+        self.device_id = result.device_id
+        self.next_poll_seconds = max(MIN_POLL_SECONDS, result.next_poll_interval_seconds)
         return result
 
     async def run_once(self, **reported: Any) -> list[RoundOutcome]:
@@ -206,7 +224,7 @@ class DeviceAgent:
             outcome = await self._round(offer, job)
         except Abandon:
             outcome = RoundOutcome(offer.round_id, "dropped", sent=self._sent)
-        except (errors.AppError, ValueError) as exc:
+        except Exception as exc:  # the server's, the callback's, a hostile offer's: all recorded
             outcome = RoundOutcome(offer.round_id, "failed", error=_kind(exc), sent=self._sent)
             if job is not None:
                 with contextlib.suppress(errors.AppError):
@@ -228,8 +246,16 @@ class DeviceAgent:
     async def _round(self, offer: Any, job: Any) -> RoundOutcome:
         import safetensors.torch
 
+        if self.require_secure_aggregation and offer.secure_aggregation is None:
+            raise errors.PreconditionFailed("this device takes part in SecAgg+ rounds only")
+        try:
+            config = msgspec.convert(offer.client_config, ClientConfig)
+        except msgspec.ValidationError:
+            raise errors.BadRequest(
+                "the offer's client_config is outside the server's bounds"
+            ) from None
         await self._step(offer, "download", job)
-        raw = await self.client.get(offer.weights_url)
+        raw = await self.client.get(offer.weights_url, max_bytes=offer.weights_size_bytes)
         if len(raw) != offer.weights_size_bytes or _sha256(raw) != offer.weights_sha256:
             raise errors.BadRequest("the base weights do not match the offer's sha256")
         base = safetensors.torch.load(raw)
@@ -237,32 +263,34 @@ class DeviceAgent:
             self._module = self.module_factory()
         module = self._module
         module.load_state_dict(base, strict=True)  # every parameter and buffer: none carries over
-        config = offer.client_config
         task = LocalTask(
             round_id=offer.round_id,
             model_id=offer.model_id,
             base_version=offer.base_version,
             module=module,
             base=base,
-            epochs=int(config.get("epochs", 1)),
-            batch_size=int(config.get("batch_size", 32)),
-            learning_rate=float(config.get("learning_rate", 0.01)),
-            proximal_mu=float(config.get("proximal_mu", 0.0)),
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            proximal_mu=config.proximal_mu,
             offer=offer,
         )
         await self._step(offer, "train", job)
         result = self.train(task)
         if inspect.isawaitable(result):
             result = await result
-        samples = max(1, min(int(result.sample_count), offer.max_sample_count))
+        if int(result.sample_count) < 1:
+            raise ValueError("train reported no examples: there is no update to send")
+        samples = min(int(result.sample_count), offer.max_sample_count)
         delta = _delta(base, module.state_dict())
-        clipped = _clip(delta, _norm_bound(offer))
+        bound = _norm_bound(offer)
+        clipped = _clip(delta, bound)
         if offer.secure_aggregation is not None:
             await self._secure(offer, delta, samples)
             status = "masked"
         else:
             await self._step(offer, "upload", job, {"loss": result.metrics.get("loss", 0.0)})
-            await self._upload(offer, base, delta, samples, result.metrics)
+            await self._upload(offer, base, delta, samples, result.metrics, bound)
             status = "uploaded"
         if job is not None:
             await self.client.training.device_jobs.complete(job_id=job.id, metrics=result.metrics)
@@ -270,13 +298,10 @@ class DeviceAgent:
             offer.round_id, status, samples, dict(result.metrics), clipped=clipped, sent=True
         )
 
-    async def _upload(self, offer, base, delta, samples: int, metrics: Mapping) -> None:
+    async def _upload(self, offer, base, delta, samples: int, metrics: Mapping, bound) -> None:
         import safetensors.numpy
 
-        if offer.update_format == "weights":
-            body = {k: (base[k].numpy() + v).astype(v.dtype) for k, v in delta.items()}
-        else:
-            body = delta
+        body = _weights(base, delta, bound) if offer.update_format == "weights" else delta
         data = safetensors.numpy.save(body)
         await self.client.training.weights.upload(
             round_id=offer.round_id,
@@ -309,11 +334,14 @@ class DeviceAgent:
         await self.client.call("training.secagg.unmask", device.unmask_params())
 
     async def _stage(self, offer, step: str, params: Callable, read: Callable) -> None:
-        """Call a stage until the server says it closed (a poll replays the same params)."""
+        """Call a stage until the server says it closed (a poll replays the same params), at
+        most until the round's deadline."""
         await self._step(offer, step, None)
         method = f"training.secagg.{step}"
         # Polling is the protocol here: the server only answers, it never calls a device.
         while not read(_plain(await self.client.call(method, params()))):  # noqa: ASYNC110
+            if dt.datetime.now(dt.UTC) >= offer.deadline:
+                raise errors.PreconditionFailed(f"{step} did not close before the round's deadline")
             await asyncio.sleep(self.poll_seconds)
 
     # -- analytics and personalized state ---------------------------------------------------
@@ -365,7 +393,7 @@ class DeviceAgent:
         found = await self.client.training.personalized.get(**params)
         if found.state is None or found.weights_url is None:
             return None
-        raw = await self.client.get(found.weights_url)
+        raw = await self.client.get(found.weights_url, max_bytes=found.state.weights_size_bytes)
         if _sha256(raw) != found.state.weights_sha256:
             raise errors.BadRequest("the personalized weights do not match their sha256")
         return safetensors.numpy.load(raw)
@@ -415,6 +443,25 @@ def _clip(delta: dict[str, np.ndarray], bound: float | None) -> bool:
     for v in floats:
         v *= scale
     return True
+
+
+def _weights(base: Mapping[str, Any], delta: dict[str, np.ndarray], bound: float | None):
+    """base + delta in the tensors' own dtype, for update_format "weights". Rounding to
+    float32 can move each value by half a step, which may take a clipped delta back over the
+    bound: then the delta shrinks again (at last to zero, which is always within it)."""
+    for _ in range(8):
+        body = {k: (_numpy(base[k]) + v).astype(v.dtype) for k, v in delta.items()}
+        if bound is None:
+            return body
+        sent = float(
+            np.sqrt(sum(np.sum((body[k] - _numpy(base[k]).astype(np.float64)) ** 2) for k in body))
+        )
+        if sent <= bound:
+            return body
+        for v in delta.values():
+            if np.issubdtype(v.dtype, np.floating):
+                v *= 0.5 * bound / sent
+    return {k: _numpy(base[k]).copy() for k in delta}
 
 
 def _plain(result: Any) -> Any:

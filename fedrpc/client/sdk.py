@@ -35,7 +35,8 @@ from fedrpc import errors
 __all__ = ["Client", "SyncClient", "error_from"]
 
 _BY_TYPE = {cls.type: cls for cls in errors.APP_ERRORS}
-_RETRY_STATUS = {429, 503}
+# 429 and 503 are the server's own; 502 and 504 come from a proxy in front of it.
+_RETRY_STATUS = {429, 502, 503, 504}
 #: Payloads up to this size go inline (base64 in the JSON body); larger ones through
 #: uploads.create and a presigned PUT, which the server's body limit does not bound.
 INLINE_MAX_BYTES = 8 * 1024 * 1024
@@ -186,17 +187,20 @@ class Client:
         """Send bytes to a presigned URL, retried like a call (the object is the same bytes)."""
         await self._send(method, url, data, {}, lambda status: status < 300)
 
-    async def get(self, url: str) -> bytes:
-        """The bytes at a presigned URL (a version's artifact)."""
-        return await self._send("GET", url, None, {}, lambda status: status < 300)
+    async def get(self, url: str, *, max_bytes: int | None = None) -> bytes:
+        """The bytes at a presigned URL (a version's artifact); with ``max_bytes``, a body
+        longer than that is cut off and refused (``PayloadTooLarge``) without reading it all."""
+        return await self._send("GET", url, None, {}, lambda status: status < 300, max_bytes)
 
-    async def _send(self, method, url, data, headers, ok: Callable[[int], bool]) -> bytes:
+    async def _send(
+        self, method, url, data, headers, ok: Callable[[int], bool], max_bytes: int | None = None
+    ) -> bytes:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         for attempt in range(self.retries + 1):
             try:
                 async with self._session.request(method, url, data=data, headers=headers) as resp:
-                    raw = await resp.read()
+                    raw = await _read(resp, max_bytes)
                     if ok(resp.status):
                         return raw
                     if attempt == self.retries or (
@@ -224,8 +228,10 @@ class Client:
                 async with self._session.post(self.url, data=body, headers=headers) as resp:
                     raw = await resp.read()
                     if resp.status not in _RETRY_STATUS or attempt == self.retries:
-                        return self._envelopes(raw, len(requests))
+                        return self._envelopes(raw, len(requests), resp.status)
                     wait = _retry_after(resp.headers.get("Retry-After"))
+                    if wait is not None:  # a server or proxy must not park the client
+                        wait = min(wait, self.max_backoff)
             except (TimeoutError, aiohttp.ClientConnectionError):
                 if attempt == self.retries:
                     raise
@@ -236,10 +242,13 @@ class Client:
         return min(self.max_backoff, self.backoff * 2**attempt) * (0.5 + self._jitter.random())
 
     @staticmethod
-    def _envelopes(raw: bytes, count: int) -> list[_Envelope]:
-        if count == 1:
-            return [msgspec.json.decode(raw, type=_Envelope)]
-        return msgspec.json.decode(raw, type=list[_Envelope])
+    def _envelopes(raw: bytes, count: int, status: int) -> list[_Envelope]:
+        try:
+            if count == 1:
+                return [msgspec.json.decode(raw, type=_Envelope)]
+            return msgspec.json.decode(raw, type=list[_Envelope])
+        except msgspec.DecodeError:  # a proxy's error page, say: not the server's answer
+            raise errors.AppError(f"HTTP {status} without a JSON-RPC answer") from None
 
 
 async def create_from_module(
@@ -269,6 +278,20 @@ async def create_from_module(
 _HELPERS: dict[str, Callable[..., Awaitable[Any]]] = {
     "models.versions.create_from_module": create_from_module,
 }
+
+
+async def _read(resp: aiohttp.ClientResponse, max_bytes: int | None) -> bytes:
+    if max_bytes is None:
+        return await resp.read()
+    if resp.content_length is not None and resp.content_length > max_bytes:
+        raise errors.PayloadTooLarge(f"the body is {resp.content_length} bytes, over {max_bytes}")
+    parts, size = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > max_bytes:
+            raise errors.PayloadTooLarge(f"the body is over {max_bytes} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _retry_after(value: str | None) -> float | None:

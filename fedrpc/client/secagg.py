@@ -161,6 +161,13 @@ class SecAggDevice:
                 )
             except InvalidInput:
                 rejected.append(j)  # tampered or misdirected: no shares of j held
+        if len(active) < self.config["threshold"]:
+            # Fewer than t neighbours to mask with: a server that forwarded no bundles to this
+            # device could unmask its vector alone (Bonawitz et al. abort here too).
+            raise InvalidInput(
+                f"only {len(active)} neighbours completed stage 1; masking needs t = "
+                f"{self.config['threshold']}"
+            )
         self.active, self.held, self.rejected = sorted(active), held, rejected
         return True
 

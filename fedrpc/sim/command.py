@@ -75,6 +75,11 @@ def config_from(args: argparse.Namespace) -> SimConfig:
         raise SimulateError("fedrpc simulate: --devices must be >= 2 and --rounds >= 1")
     if not 0 <= args.dropout < 1 or not 0 < args.fraction <= 1:
         raise SimulateError("fedrpc simulate: --dropout must be in [0, 1), --fraction in (0, 1]")
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size),
+                        ("--learning-rate", args.learning_rate), ("--concurrency", args.concurrency),
+                        ("--stage-seconds", args.stage_seconds)):  # fmt: skip
+        if value is not None and not value > 0:
+            raise SimulateError(f"fedrpc simulate: {flag} must be positive")
     try:
         digits.partition(digits.load_split().y_train[:20], 2, args.partition)
     except ValueError as exc:
@@ -89,9 +94,9 @@ def config_from(args: argparse.Namespace) -> SimConfig:
         dropout=args.dropout,
         fraction=args.fraction,
         steps=digits.LocalSteps(
-            args.epochs or digits.LocalSteps.epochs,
-            args.batch_size or digits.LocalSteps.batch_size,
-            args.learning_rate or digits.LocalSteps.learning_rate,
+            digits.LocalSteps.epochs if args.epochs is None else args.epochs,
+            digits.LocalSteps.batch_size if args.batch_size is None else args.batch_size,
+            digits.LocalSteps.learning_rate if args.learning_rate is None else args.learning_rate,
             mu,
         ),
         concurrency=args.concurrency,

@@ -26,7 +26,7 @@ import aiohttp
 import numpy as np
 
 from fedrpc import errors
-from fedrpc.client import Client, DeviceAgent, LocalResult, LocalTask
+from fedrpc.client import Client, DeviceAgent, LocalResult, LocalTask, RoundOutcome
 from fedrpc.sim import digits
 
 __all__ = ["SimConfig", "RoundReport", "SimReport", "simulate", "SECURE_STEPS"]
@@ -262,12 +262,16 @@ async def _one_round(
     if on_round_start is not None:
         on_round_start(number, len(selected))
 
-    async def device(device_id: str):
+    async def device(device_id: str) -> RoundOutcome | None:
         agent = fleet.agents[device_id]
         agent.dropout = lambda rid, step: rid == rnd.id and fleet.leaving.get(device_id) == step
-        outcomes = await agent.run_once()
-        if on_device_done is not None:
-            on_device_done()
+        try:
+            outcomes = await agent.run_once()
+        except Exception as exc:  # its sync failed (after the SDK's retries): counted below
+            outcomes = [RoundOutcome(rnd.id, "failed", error=_kind(exc))]
+        finally:
+            if on_device_done is not None:
+                on_device_done()
         mine = [o for o in outcomes if o.round_id == rnd.id]
         return mine[0] if mine else None
 
@@ -279,12 +283,17 @@ async def _one_round(
     version, error, accuracy, loss = None, None, None, None
     try:
         if config.secure_aggregation:
-            await _secure_session_end(admin, rnd.id)
+            # Each of the four stages may wait for its deadline when devices vanish.
+            await asyncio.wait_for(
+                _secure_session_end(admin, rnd.id), 4 * config.stage_seconds + 60
+            )
         new = await admin.training.aggregate(round_id=rnd.id)
         version = new.version
         accuracy, loss = await evaluator.score(model_id, version)
     except errors.AppError as exc:
         error = f"{exc.type}: {exc.message}"
+    except TimeoutError:
+        error = "the SecAgg+ session did not end within its stages' deadlines"
     epsilon = None
     if federation_id is not None:
         epsilon = (
@@ -305,6 +314,10 @@ async def _secure_session_end(admin: Client, round_id: str) -> None:
         if status.stage in ("completed", "failed"):
             return
         await asyncio.sleep(0.1)
+
+
+def _kind(exc: BaseException) -> str:
+    return getattr(exc, "type", None) or type(exc).__name__
 
 
 class _Evaluator:
