@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
-import logging
 import sys
 import threading
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -52,27 +49,15 @@ def bundle(net=None) -> tuple[dict[str, bytes], dict[str, tuple[int, ...]]]:
     ``net``: a module taking ``(batch, features)`` whose first parameter is a Linear weight;
     the bench's MLP (1,011,010 parameters) if omitted.
     """
-    import safetensors.torch
     import torch
+
+    from fedrpc.client.artifacts import module_artifacts
 
     net = _net() if net is None else net.eval()
     width = next(net.parameters()).shape[1]
-    program = torch.export.export(
-        net, (torch.zeros((2, width)),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
-    )
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx = torch.onnx.export(program, dynamo=True, external_data=False, verbose=False)
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    return {
-        "weights": safetensors.torch.save(state),
-        "onnx": onnx.model_proto.SerializeToString(),
-        "program": buffer.getvalue(),
-    }, shapes
+    files = module_artifacts(net, torch.zeros((2, width)))
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    return files, shapes
 
 
 def update_bytes(shapes: dict[str, tuple[int, ...]], seed: int) -> bytes:

@@ -31,14 +31,12 @@ import asyncio
 import base64
 import hashlib
 import io
-import logging
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import aiohttp
@@ -74,27 +72,12 @@ def make_net(width: int):
 
 
 def artifacts(net, width: int) -> dict[str, bytes]:
-    """weights, ONNX and torch.export program of the base version, as an org admin makes them."""
-    import safetensors.torch
+    """weights, ONNX and torch.export program of the base version, as the SDK makes them."""
     import torch
 
-    example = torch.zeros((2, width))
-    program = torch.export.export(
-        net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},)
-    )
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer)
-    # The exporter logs a warning per torchvision op it cannot register; they are noise here.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx = torch.onnx.export(program, dynamo=True, external_data=False, verbose=False)
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    return {
-        "weights": safetensors.torch.save(state),
-        "onnx": onnx.model_proto.SerializeToString(),
-        "program": buffer.getvalue(),
-    }
+    from fedrpc.client.artifacts import module_artifacts
+
+    return module_artifacts(net, torch.zeros((2, width)))
 
 
 def update_bytes(width: int, seed: int) -> bytes:

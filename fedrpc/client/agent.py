@@ -210,8 +210,9 @@ class DeviceAgent:
     # -- one round --------------------------------------------------------------------------
 
     async def take_part(self, offer: Any) -> RoundOutcome:
-        """Train on ``offer`` and send the update; the outcome (never raises for a server error:
-        a failed round is recorded with its ``data.type``)."""
+        """Train on ``offer`` and send the update; the outcome. Never raises (but for
+        cancellation): a failed round is recorded with the server's ``data.type`` or the
+        exception's class name."""
         job, self._sent = None, False
         try:
             if self.report_jobs:
@@ -227,7 +228,7 @@ class DeviceAgent:
         except Exception as exc:  # the server's, the callback's, a hostile offer's: all recorded
             outcome = RoundOutcome(offer.round_id, "failed", error=_kind(exc), sent=self._sent)
             if job is not None:
-                with contextlib.suppress(errors.AppError):
+                with contextlib.suppress(Exception):  # best effort: the outcome is recorded
                     await self.client.training.device_jobs.update_status(
                         job_id=job.id, state="failed", last_error=outcome.error
                     )

@@ -55,8 +55,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="local batch size (default 8)")
     p.add_argument("--learning-rate", type=float, help="local SGD step size (default 0.2)")
     p.add_argument("--mu", type=float, help="FedProx's proximal mu (fedprox: 0.01 if not given)")
-    p.add_argument("--concurrency", type=int, default=64, help="devices working at once")
-    p.add_argument("--stage-seconds", type=int, default=30, help="SecAgg+ stage deadline")
+    p.add_argument("--concurrency", type=int, default=16, help="devices working at once")
+    p.add_argument(
+        "--stage-seconds", type=int, help="SecAgg+ stage deadline (default max(30, devices/10))"
+    )
     p.add_argument("--jobs", action="store_true", help="devices report training.device_jobs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--url", help=f"a running server's /rpc URL (org admin key in ${TOKEN_ENV})")
