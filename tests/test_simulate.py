@@ -97,6 +97,19 @@ async def test_ten_devices_three_rounds_learn_the_digits(client, org, split, bas
     assert version["num_updates"] == 10 and version["total_samples"] == len(split.y_train)
 
 
+@pytest.mark.parametrize("strategy", ["fedadam", "fedmedian"])
+async def test_other_server_strategies_learn_too(client, org, strategy):
+    config = SimConfig(devices=6, rounds=2, strategy=strategy, seed=3)
+
+    report = await simulate(config, url_of(client), org.token)
+
+    for r in report.rounds:
+        assert r.version is not None and r.participants == 6 and not r.failures, r
+        rnd = await client.ok("training.get_round", {"round_id": r.round_id}, org.token)
+        assert rnd["strategy"] == strategy
+    assert report.final_accuracy > report.base_accuracy + 0.2
+
+
 async def test_secure_aggregation_with_dropouts_still_learns(client, org, split):
     config = SimConfig(
         devices=10, rounds=3, secure_aggregation=True, dropout=0.2, stage_seconds=2, seed=2

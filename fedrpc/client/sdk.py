@@ -65,8 +65,11 @@ def _specs() -> dict[str, Any]:
     return {spec.name: spec for spec in Registry.from_package()}
 
 
-class _Namespace:
-    def __init__(self, client: Client, prefix: str) -> None:
+class _Dotted:
+    """``ns.name`` is the namespace (or method) ``prefix.name``; a helper of ``_HELPERS`` when
+    it has that name."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
         self._client, self._prefix = client, prefix
 
     def __getattr__(self, name: str) -> Any:
@@ -74,8 +77,16 @@ class _Namespace:
             raise AttributeError(name)
         dotted = f"{self._prefix}.{name}"
         if dotted in _HELPERS:
-            return functools.partial(_HELPERS[dotted], self._client)
-        return _Namespace(self._client, dotted)
+            return self._helper(_HELPERS[dotted])
+        return type(self)(self._client, dotted)
+
+    def _helper(self, helper: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        raise NotImplementedError
+
+
+class _Namespace(_Dotted):
+    def _helper(self, helper):
+        return functools.partial(helper, self._client)
 
     async def __call__(self, **params: Any) -> Any:
         return await self._client.call(self._prefix, params)
@@ -326,18 +337,9 @@ class SyncClient:
             return await work(client)
 
 
-class _SyncNamespace:
-    def __init__(self, client: SyncClient, prefix: str) -> None:
-        self._client, self._prefix = client, prefix
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        dotted = f"{self._prefix}.{name}"
-        if dotted in _HELPERS:
-            helper = _HELPERS[dotted]
-            return lambda **kw: asyncio.run(self._client._run(lambda c: helper(c, **kw)))
-        return _SyncNamespace(self._client, dotted)
+class _SyncNamespace(_Dotted):
+    def _helper(self, helper):
+        return lambda **kw: asyncio.run(self._client._run(lambda c: helper(c, **kw)))
 
     def __call__(self, **params: Any) -> Any:
         return self._client.call(self._prefix, params)
