@@ -204,6 +204,18 @@ async def test_bad_flags_stop_the_command_with_one_line(flags, message):
     assert code == 1 and message in err and "Traceback" not in err
 
 
+async def test_a_run_the_server_refuses_stops_with_its_type(client, org):
+    import os
+
+    env = {**os.environ, "FEDRPC_TOKEN": org.token}
+    code, _, err = await run_cli(
+        "--url", url_of(client), "--devices", "2", "--dp", "noise=-1,clip=1", env=env
+    )
+    assert code == 1 and "bad_request" in err and "Traceback" not in err
+    code, _, err = await run_cli("--url", url_of(client), "--strategy", "fedbest", env=env)
+    assert code == 2 and "--strategy" in err
+
+
 async def test_without_a_key_the_command_says_where_it_is_looked_for(monkeypatch):
     import os
 

@@ -26,9 +26,11 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from fedrpc.cli import CliError
+from fedrpc.errors import AppError
+from schemas.training import StrategyName
 
 if TYPE_CHECKING:  # torch comes with these: imported when the command runs, not by `fedrpc`
     from fedrpc.sim.run import SimConfig, SimReport
@@ -46,7 +48,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--dataset", choices=["digits"], default="digits")
     p.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA")
-    p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--strategy", default="fedavg", choices=get_args(StrategyName))
     p.add_argument("--secure-aggregation", action="store_true")
     p.add_argument("--dp", help="noise=Z,clip=C[,budget=EPSILON]: central DP in a federation")
     p.add_argument("--dropout", type=float, default=0.0, help="share of devices lost per round")
@@ -150,7 +152,12 @@ def main(args: argparse.Namespace) -> int:
         else:
             server = stack.enter_context(own_server())
             url, token = server.url, server.token
-        report = asyncio.run(_run(config, url, token, quiet=args.quiet))
+        try:
+            report = asyncio.run(_run(config, url, token, quiet=args.quiet))
+        except AppError as exc:  # the server refused the run's set-up (a --dp value, the key)
+            raise SimulateError(
+                f"fedrpc simulate: the server said {exc.type}: {exc.message}"
+            ) from None
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report_json(report), indent=2))
