@@ -93,6 +93,7 @@ class Call(msgspec.Struct):
 
 
 _ID_TYPES = (str, int, float, type(None))
+BATCH_MEMBER_NOT_OBJECT = "a batch member must be an object"
 
 
 def _check(env: Envelope, methods: dict[str, MethodSpec], request_id: str) -> Call:
@@ -123,9 +124,9 @@ def _parse(body: bytes, services: Services, request_id: str) -> tuple[list[Call]
     """The calls in a body and whether it was a batch, or a single error object."""
     try:
         decoded = _body_decoder.decode(body)
-    except msgspec.ValidationError:
+    except msgspec.ValidationError as exc:
         return protocol_error_object(
-            INVALID_REQUEST, request_id, "the body must be a JSON object or array"
+            INVALID_REQUEST, request_id, _unreadable(exc, "the body must be a JSON object or array")
         )
     except msgspec.DecodeError:
         return protocol_error_object(PARSE_ERROR, request_id, "the body is not valid JSON")
@@ -146,16 +147,33 @@ def _parse(body: bytes, services: Services, request_id: str) -> tuple[list[Call]
     for raw in decoded:
         try:
             calls.append(_check(_member_decoder.decode(raw), methods, request_id))
-        except (msgspec.DecodeError, RecursionError):
+        except msgspec.ValidationError as exc:
             calls.append(
                 Call(
                     None,
                     protocol_error_object(
-                        INVALID_REQUEST, request_id, "a batch member must be an object"
+                        INVALID_REQUEST, request_id, _unreadable(exc, BATCH_MEMBER_NOT_OBJECT)
                     ),
                 )
             )
+        except (msgspec.DecodeError, RecursionError):
+            calls.append(
+                Call(
+                    None,
+                    protocol_error_object(INVALID_REQUEST, request_id, BATCH_MEMBER_NOT_OBJECT),
+                )
+            )
     return calls, True
+
+
+def _unreadable(exc: msgspec.ValidationError, otherwise: str) -> str:
+    """Our words for a request msgspec cannot hold: the member at fault when there is one (an
+    id beyond 64 bits: the only value of a request object that can fail to decode), else
+    ``otherwise`` (the whole is not an object)."""
+    where = _PATH.search(str(exc))
+    if where is None or where.group(1) == "$":
+        return otherwise
+    return f"{where.group(1)[2:]} is not a usable value (a number beyond 64 bits?)"
 
 
 class AppErrorBox(dict):

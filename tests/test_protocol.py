@@ -510,3 +510,19 @@ async def test_each_call_writes_one_json_log_line_without_secrets(client, org, r
     )
     assert lines[1]["code"] == 4403
     assert org.token not in stream.getvalue()
+
+
+async def test_an_id_too_large_for_64_bits_is_named_as_the_fault(spec_client):
+    huge = b"9" * 5000
+    single = b'{"jsonrpc": "2.0", "method": "get_data", "id": ' + huge + b"}"
+    resp, body = await spec_client.post(single, raw=True)
+    assert resp.status == 200 and body["error"]["code"] == -32600 and body["id"] is None
+    assert "id" in body["error"]["data"]["message"]
+    assert "object or array" not in body["error"]["data"]["message"]
+    # In a batch only that member is refused; the others are answered.
+    batch = b"[" + single + b', {"jsonrpc": "2.0", "method": "get_data", "id": 2}]'
+    resp, body = await spec_client.post(batch, raw=True)
+    assert resp.status == 200 and len(body) == 2, body
+    refused, answered = sorted(body, key=lambda b: b["id"] is not None)
+    assert refused["error"]["code"] == -32600 and "id" in refused["error"]["data"]["message"]
+    assert answered == {"jsonrpc": "2.0", "result": ["hello", 5], "id": 2}
