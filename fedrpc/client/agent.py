@@ -226,7 +226,9 @@ class DeviceAgent:
         except Abandon:
             outcome = RoundOutcome(offer.round_id, "dropped", sent=self._sent)
         except Exception as exc:  # the server's, the callback's, a hostile offer's: all recorded
-            outcome = RoundOutcome(offer.round_id, "failed", error=_kind(exc), sent=self._sent)
+            outcome = RoundOutcome(
+                offer.round_id, "failed", error=failure_type(exc), sent=self._sent
+            )
             if job is not None:
                 with contextlib.suppress(Exception):  # best effort: the outcome is recorded
                     await self.client.training.device_jobs.update_status(
@@ -467,10 +469,9 @@ def _weights(base: Mapping[str, Any], delta: dict[str, np.ndarray], bound: float
 
 def _plain(result: Any) -> Any:
     """A Result Struct as the dicts the SecAgg+ device reads."""
-    import msgspec
-
     return msgspec.to_builtins(result)
 
 
-def _kind(exc: BaseException) -> str:
+def failure_type(exc: BaseException) -> str:
+    """What a failed round records: the server's ``data.type``, else the exception's class."""
     return getattr(exc, "type", None) or type(exc).__name__

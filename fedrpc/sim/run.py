@@ -27,6 +27,7 @@ import numpy as np
 
 from fedrpc import errors
 from fedrpc.client import Client, DeviceAgent, LocalResult, LocalTask, RoundOutcome
+from fedrpc.client.agent import failure_type
 from fedrpc.sim import digits
 
 __all__ = ["SimConfig", "RoundReport", "SimReport", "simulate", "SECURE_STEPS"]
@@ -279,7 +280,7 @@ async def _one_round(
         try:
             outcomes = await agent.run_once()
         except Exception as exc:  # its sync failed (after the SDK's retries): counted below
-            outcomes = [RoundOutcome(rnd.id, "failed", error=_kind(exc))]
+            outcomes = [RoundOutcome(rnd.id, "failed", error=failure_type(exc))]
         finally:
             if on_device_done is not None:
                 on_device_done()
@@ -329,10 +330,6 @@ async def _secure_session_end(admin: Client, round_id: str) -> None:
         if status.stage in ("completed", "failed"):
             return
         await asyncio.sleep(0.1)
-
-
-def _kind(exc: BaseException) -> str:
-    return getattr(exc, "type", None) or type(exc).__name__
 
 
 class _Evaluator:
