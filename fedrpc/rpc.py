@@ -204,7 +204,7 @@ async def _run_once(ctx: Context, spec: MethodSpec, params: Any) -> bytes:
 
     digest = hashlib.sha256(_encode(params)).digest()
     return await idempotency.run_once(
-        ctx.db, ctx.principal.label, spec.name, params.idempotency_key, digest, run
+        ctx.db, ctx.principal, spec.name, params.idempotency_key, digest, run
     )
 
 

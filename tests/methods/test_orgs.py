@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 
 async def test_get_returns_the_callers_org(client, org):
     result = await client.ok("orgs.get", {}, org.token)
@@ -92,11 +94,14 @@ async def test_stored_replays_are_purged_after_the_window(client, org, database_
 
     await client.ok("orgs.api_keys.create", {"name": "old", "idempotency_key": "k-old"}, org.token)
     await client.ok("orgs.api_keys.create", {"name": "new", "idempotency_key": "k-new"}, org.token)
+    old, new = (hashlib.sha256(key).digest() for key in (b"k-old", b"k-new"))
     with psycopg.connect(database_url) as conn:
         conn.execute(
-            "UPDATE idempotency_keys SET created_at = now() - interval '25 hours' WHERE key = 'k-old'"
+            "UPDATE idempotency_keys SET created_at = now() - interval '25 hours'"
+            " WHERE key_hash = %s",
+            (old,),
         )
     await purge_idempotency_keys(client.app[SERVICES])
     with psycopg.connect(database_url) as conn:
-        keys = [r[0] for r in conn.execute("SELECT key FROM idempotency_keys ORDER BY key")]
-    assert keys == ["k-new"]
+        kept = [bytes(r[0]) for r in conn.execute("SELECT key_hash FROM idempotency_keys")]
+    assert kept == [new]
