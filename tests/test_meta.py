@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
+import re
+import tomllib
 from pathlib import Path
 
 import msgspec
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from fedrpc.db import load_queries
 from fedrpc.errors import APP_ERRORS
@@ -154,3 +160,54 @@ def test_imports_flow_one_way():
             ("fedrpc/client/", "fedrpc/sim/")
         ):
             assert not _imports_any(path, ("aiohttp",)), rel
+
+
+LOCK_ENTRY = re.compile(
+    r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)((?:\s*\\\n\s+--hash=sha256:[0-9a-f]{64})*)", re.M
+)
+
+
+def _lock(name: str) -> dict[str, tuple[Version, int]]:
+    """requirements/NAME.lock as {canonical name: (version, number of hashes)}."""
+    text = (ROOT / "requirements" / f"{name}.lock").read_text()
+    entries = {
+        canonicalize_name(m[1]): (Version(m[2]), m[3].count("--hash="))
+        for m in LOCK_ENTRY.finditer(text)
+    }
+    pins = re.findall(r"^[A-Za-z0-9].*==", text, re.M)
+    assert len(entries) == len(pins) > 0, f"{name}.lock: an entry the pattern does not read"
+    return entries
+
+
+def test_the_locks_pin_what_pyproject_asks_for():
+    # make run / make test install torch from its pin, then test.lock (make bench adds
+    # bench.lock) with --require-hashes --no-deps: a requirement added to pyproject.toml
+    # without make lock would be missing, or installed at a version outside its range.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    test, bench = _lock("test"), _lock("bench")
+    for lock, wanted in (
+        (test, project["dependencies"] + extras["test"]),
+        (bench, project["dependencies"] + extras["test"] + extras["bench"]),
+    ):
+        for spec in map(Requirement, wanted):
+            name = canonicalize_name(spec.name)
+            if name == "torch" or (spec.marker and not spec.marker.evaluate()):
+                continue
+            assert name in lock, f"{spec} is not in the lock: run make lock"
+            assert spec.specifier.contains(lock[name][0], prereleases=True), (spec, lock[name])
+    for name, (version, hashes) in {**test, **bench}.items():
+        assert hashes, f"{name} has no hash"
+        assert not version.is_prerelease, f"{name}=={version}"
+        # torch comes from its pin (the CPU wheel on disk); PyPI's build drags in CUDA.
+        assert name != "torch" and not name.startswith(("nvidia-", "triton", "cuda-")), name
+    # One resolution: make bench only adds packages to the test venv, never moves one.
+    assert test.keys() <= bench.keys()
+    assert all(test[name] == bench[name] for name in test), "run make lock"
+
+
+def test_the_venv_holds_the_locked_versions():
+    # What this suite runs on is what the lock says (pip check at install proves the set
+    # consistent, torch's own requirements included).
+    for name, (version, _) in _lock("test").items():
+        assert Version(importlib.metadata.version(name)) == version, name
