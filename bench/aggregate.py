@@ -439,7 +439,7 @@ PIECES = [
     ("encode", "encode safetensors + torch, in a worker thread (encode_weights)"),
     ("publish", "object writes + version transaction (publish_version, wall)"),
     ("artifacts", "- ONNX + program in a worker thread, beside the weights' PUTs (export_graphs)"),
-    ("onnx", "- - of which export_version (values filled in, or a re-export)"),
+    ("onnx", "- - of which the sandbox job (values filled in, or a re-export, in a child)"),
     ("put", "- 4 object PUTs, each with its sha256"),
     ("base", "read base weights + program"),
     ("db", "database calls, all (claim, rows, version transaction, auth)"),
@@ -453,9 +453,9 @@ def _probe(stack):
     import fedrpc.fl.aggregate as fl_agg
     import fedrpc.services.round_aggregation as agg
     import fedrpc.services.update_loop as agg_compute
-    import fedrpc.services.version_artifacts as artifacts
     import methods.training
     from fedrpc.db import Database
+    from fedrpc.services.artifact_sandbox import ArtifactSandbox
     from fedrpc.storage import Storage
 
     probe = Probe()
@@ -465,7 +465,7 @@ def _probe(stack):
     probe.wrap(agg_compute, "checked_vector", "check")
     probe.wrap_class(fl_agg, "FedAvgAccumulator", {"add": "kernel", "finish": "kernel"})
     probe.wrap(agg_compute, "aggregate_streaming", "stream")
-    probe.wrap(artifacts, "export_version", "onnx")
+    probe.wrap(ArtifactSandbox, "make_version", "onnx")
     probe.wrap(agg, "compute", "compute")
     probe.wrap(agg, "export_graphs", "artifacts")
     probe.wrap(agg, "publish_version", "publish")

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 
 from aiohttp import web
 
-from fedrpc.auth import Authenticator, RateLimiter
+from fedrpc.auth import Authenticator, RateLimiter, parse_networks
 from fedrpc.context import Services
 from fedrpc.db import Database, load_queries, open_pool, set_json_codec
+from fedrpc.math_pool import MathPool
 from fedrpc.metrics import Metrics
 from fedrpc.openrpc import OpenRpcDocument, document_for, server_url
 from fedrpc.registry import Registry
 from fedrpc.rpc import RpcEndpoint
-from fedrpc.settings import Settings
+from fedrpc.services import artifact_sandbox
+from fedrpc.settings import Settings, SettingsError
 from fedrpc.storage import Storage
 from fedrpc.tasks import run_periodically
 
@@ -36,11 +39,18 @@ def create_app(settings: Settings, registry: Registry | None = None) -> web.Appl
     app[REGISTRY] = registry or Registry.from_package()
     app[METRICS] = Metrics()
     app[ENDPOINT] = endpoint = RpcEndpoint()
+    try:
+        endpoint.proxies = parse_networks(settings.trusted_proxies)
+    except ValueError:
+        reason = "expected comma-separated IP addresses or networks"
+        raise SettingsError("trusted_proxies", settings.trusted_proxies, reason) from None
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_services)
+    app.cleanup_ctx.append(_math_pool)
+    app.cleanup_ctx.append(_artifact_sandbox)
     app.cleanup_ctx.append(_background)
-    app.router.add_post("/rpc", endpoint.handle)
+    app.router.add_post("/rpc", endpoint.handle, expect_handler=endpoint.expect)
     app.router.add_get("/openrpc.json", _openrpc)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -81,12 +91,35 @@ async def _services(app: web.Application):
         s,
         app[DATABASE],
         app[STORAGE],
-        Authenticator(app[DATABASE], s.auth_cache_seconds),
+        Authenticator(
+            app[DATABASE],
+            s.auth_cache_seconds,
+            unknown_ttl=s.unknown_token_cache_seconds,
+            unknown_max=s.unknown_token_cache_size,
+            lookup_rate=s.token_lookups_per_second,
+            lookup_burst=s.token_lookup_burst,
+            max_clients=s.rate_limit_max_clients,
+        ),
         app[REGISTRY],
-        RateLimiter(s.rate_limit_per_second, s.rate_limit_burst),
+        RateLimiter(s.rate_limit_per_second, s.rate_limit_burst, s.rate_limit_max_clients),
         app[METRICS],
     )
     app[OPENRPC] = document_for(app[REGISTRY])
+    yield
+
+
+async def _math_pool(app: web.Application):
+    # No process starts until the first heavy call (fedrpc/math_pool.py).
+    app[SERVICES].math_pool = pool = MathPool.from_settings(app[SETTINGS])
+    yield
+    await pool.close()
+
+
+async def _artifact_sandbox(app: web.Application):
+    # Org-supplied models are checked in a child process under these settings' limits; its
+    # warm parent starts now, in the background (fedrpc/services/artifact_sandbox.py). It
+    # serves every app of this process and exits with it.
+    artifact_sandbox.configure(artifact_sandbox.SandboxLimits.from_settings(app[SETTINGS]))
     yield
 
 
@@ -124,7 +157,23 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    # FEDRPC_METRICS_TOKEN, when set, guards the scrape (compared in constant time).
+    expected = request.app[SETTINGS].metrics_token
+    if expected and not _bearer_is(request.headers.get("Authorization"), expected):
+        return web.Response(
+            status=401,
+            text="GET /metrics needs 'Authorization: Bearer <FEDRPC_METRICS_TOKEN>'\n",
+            headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
+        )
     return web.Response(
         body=request.app[METRICS].render(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
     )
+
+
+def _bearer_is(header: str | None, expected: str) -> bool:
+    scheme, _, token = (header or "").partition(" ")
+    # surrogateescape: aiohttp decodes header bytes that are not UTF-8 that way, and such a
+    # header is a wrong token (401), not a server fault.
+    same = hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), expected.encode())
+    return same and scheme.lower() == "bearer"

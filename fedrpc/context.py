@@ -15,6 +15,7 @@ from fedrpc.settings import Settings
 from fedrpc.storage import Storage
 
 if TYPE_CHECKING:
+    from fedrpc.math_pool import MathPool
     from fedrpc.metrics import Metrics
     from fedrpc.registry import Registry
 
@@ -30,6 +31,8 @@ class Services:
     registry: Registry
     limiter: RateLimiter
     metrics: Metrics
+    math_pool: MathPool | None = None
+    """Worker processes for heavy math (privacy accounting); set by the app's cleanup context."""
 
 
 class Context(msgspec.Struct):

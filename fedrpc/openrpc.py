@@ -5,14 +5,14 @@ It must be absolute (the reference tooling refuses ``/rpc``): ``FEDRPC_PUBLIC_UR
 set, else the address the server listens on (``server_url``). The client's ``Host`` header
 is never used: the document tells an SDK where to send its bearer token, so a Host chosen
 by a client (or replayed from a shared cache) must not be able to name another server.
-The URL is spliced into the one encoded document (``OpenRpcDocument.encoded``) or set on
-one typed copy (``OpenRpcDocument.typed``).
+The URL is spliced into the one encoded document (``OpenRpcDocument.encoded``), which
+``rpc.discover`` and ``GET /openrpc.json`` both return: neither builds nor encodes it again.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
     from fedrpc.settings import Settings
 
-T = TypeVar("T")
 RPC_PATH = "/rpc"
 REF = "#/components/schemas/{name}"
 
@@ -128,18 +127,10 @@ class OpenRpcDocument:
         self.document = build_document(registry, self._MARK)
         head, tail = msgspec.json.encode(self.document).split(msgspec.json.encode(self._MARK))
         self._head, self._tail = head, tail
-        self._typed: dict[type, Any] = {}
 
     def encoded(self, url: str) -> bytes:
         """The JSON document with ``url`` as its server."""
         return self._head + msgspec.json.encode(url) + self._tail
-
-    def typed(self, type_: type[T], url: str) -> T:
-        """The document as a Struct ``type_`` (with a ``servers`` field) serving ``url``."""
-        template = self._typed.get(type_)
-        if template is None:
-            template = self._typed[type_] = msgspec.convert(self.document, type_)
-        return msgspec.structs.replace(template, servers=[server(url)])
 
 
 _DOCUMENTS: weakref.WeakKeyDictionary[Registry, OpenRpcDocument] = weakref.WeakKeyDictionary()

@@ -13,6 +13,7 @@ path, and errors that never carry exception text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -23,13 +24,14 @@ import warnings
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from fedrpc import idempotency
-from fedrpc.auth import Principal, enroll_bucket
+from fedrpc.auth import Network, Principal, client_address, client_key, enroll_bucket
 from fedrpc.call_log import log_call
 from fedrpc.context import Context, Services
 from fedrpc.errors import (
+    APP_ERRORS,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -46,6 +48,7 @@ from fedrpc.errors import (
 )
 from fedrpc.fl import InvalidInput
 from fedrpc.registry import MethodSpec
+from fedrpc.settings import Settings
 
 with warnings.catch_warnings():
     # jsonrpcserver 5.0.9 reads its schema with a deprecated importlib.resources call.
@@ -258,7 +261,8 @@ async def _dispatch(
     call: Call,
     request_id: str,
     transport: asyncio.BaseTransport | None = None,
-) -> bytes | None:
+) -> tuple[bytes | None, dict | None]:
+    """The call's encoded answer (None for a notification) and its error object, if any."""
     started = time.perf_counter()
     env, spec, error = call.env, call.spec, call.error
     id_ = None if env is None or env.id is UNSET else env.id
@@ -290,8 +294,22 @@ async def _dispatch(
         services.metrics.observe(name, error["data"]["type"], duration)
         log_call(name, who, duration, request_id, error["data"]["type"], error["code"])
     if env is not None and env.id is UNSET and not call.malformed:
-        return None  # a notification: a well-formed request without an id, even a failed one
-    return body
+        return None, error  # a notification: a well-formed request without an id, even a failed one
+    return body, error
+
+
+# The HTTP status of a single call's error raised by a handler (a batch is always 200: its
+# members' outcomes differ). Only these differ from 200 (docs/design.md, the errors table).
+_HTTP_STATUS = {e.type: e.http_status for e in APP_ERRORS if e.http_status != 200}
+
+
+def _single_answer_headers(error: dict | None, headers: dict[str, str]) -> tuple[int, dict]:
+    if error is None or (status := _HTTP_STATUS.get(error["data"]["type"])) is None:
+        return 200, headers
+    retry_after = error["data"].get("retry_after")
+    if retry_after is not None:
+        headers = {**headers, "Retry-After": str(retry_after)}
+    return status, headers
 
 
 _REFUSED = {
@@ -309,60 +327,127 @@ def _error_response(
 
 
 class RpcEndpoint:
-    """``POST /rpc``. The app's start-up gives it the services (they are made on the loop)."""
+    """``POST /rpc``. The app's start-up gives it the services (they are made on the loop).
+
+    The bearer token is checked before the body is read: a known token (the auth cache)
+    costs a dict lookup; an unknown one is refused from memory or after one lookup that
+    the client's address must have budget for; without a token the body may hold
+    ``unauthenticated_max_body_bytes`` at most (the public methods take no params). A
+    refusal that leaves a large body unsent closes the connection instead of reading it,
+    and ``Expect: 100-continue`` is answered only once the caller may send its body.
+    """
 
     def __init__(self) -> None:
         self.services: Services | None = None
+        self.proxies: tuple[Network, ...] = ()  # FEDRPC_TRUSTED_PROXIES
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def expect(self, request: web.Request) -> None:
+        """The route's Expect handler: ``100 Continue`` is deferred to ``handle`` (after the
+        token and the declared length were checked), so that a client that waits for it
+        never sends a body that would be refused. Other expectations fail as aiohttp has
+        them fail (417)."""
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text="only 'Expect: 100-continue' is understood")
+
+    def client(self, request: web.Request) -> str | None:
+        """The caller's address (the TCP peer unless it is a trusted proxy)."""
+        if not self.proxies:
+            return request.remote
+        return client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", []), self.proxies
+        )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         services = self.services
         assert services is not None, "the app has not started"
+        settings = services.settings
         # A correlation id, not a secret: drawn from `random` (seeded from the OS at start-up
         # and after a fork), because os.urandom costs a system call per request.
         request_id = f"{_random_bits(64):016x}"
         headers = {"X-Request-Id": request_id}
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            exc = PayloadTooLarge(
-                f"the request body exceeds {services.settings.max_body_bytes} bytes"
-            )
-            return _error_response(413, app_error_object(exc, request_id), headers)
+        header = request.headers.get("Authorization")
+        principal = services.auth.cached(header)  # the common case, without a coroutine
+        client = None
+        if principal is None:
+            client = self.client(request)
+            if header is not None:
+                try:
+                    principal = await services.auth.authenticate(header, client_key(client))
+                except Unauthorized as exc:
+                    refusal = _unauthorized(services, exc, request_id)
+                    return await _refuse(request, settings, refusal)
+                except RateLimited as exc:
+                    refusal = _rate_limited(services, exc, request_id, headers)
+                    return await _refuse(request, settings, refusal)
+        if principal is None:  # no token: public calls only, and they are small
+            anonymous = f"ip:{client_key(client)}"
+            wait = services.limiter.take(anonymous)
+            if wait > 0:
+                limited = _rate_limited(services, _too_many(wait), request_id, headers)
+                return await _refuse(request, settings, limited)
+            limit = min(settings.unauthenticated_max_body_bytes, settings.max_body_bytes)
+            body = await _read_at_most(request, limit) if await _go_on(request, limit) else None
+            if body is None:
+                exc = PayloadTooLarge(
+                    f"a request without a token may send at most {limit} bytes"
+                    " (the methods callable without one take no params)"
+                )
+                return await _refuse(request, settings, _too_large(exc, request_id, headers))
+        else:
+            # The first call is paid for before the body is read: a principal over its rate
+            # cannot make the server read (up to) max_body_bytes per refused request.
+            wait = services.limiter.take(principal.label)
+            if wait > 0:
+                limited = _rate_limited(services, _too_many(wait), request_id, headers)
+                return await _refuse(request, settings, limited)
+            body = None
+            if await _go_on(request, settings.max_body_bytes):
+                with contextlib.suppress(web.HTTPRequestEntityTooLarge):  # past client_max_size
+                    body = await request.read()
+            if body is None:
+                exc = PayloadTooLarge(f"the request body exceeds {settings.max_body_bytes} bytes")
+                return await _refuse(request, settings, _too_large(exc, request_id, headers))
         parsed = _parse(body, services, request_id)
         if isinstance(parsed, AppErrorBox):
             return _error_response(200, app_error_object(parsed.exc, request_id), headers)
         if isinstance(parsed, dict):
             return _error_response(200, parsed, headers)
         calls, is_batch = parsed
-        header = request.headers.get("Authorization")
-        principal = services.auth.cached(header)  # the common case, without a coroutine
         if principal is None:
-            try:
-                principal = await _authenticate(services, header, calls)
-            except Unauthorized as exc:
-                services.metrics.error("unauthorized")
-                www = {**headers, "WWW-Authenticate": "Bearer"}
-                return _error_response(401, app_error_object(exc, request_id), www)
+            if any(c.spec and not c.spec.public for c in calls):
+                exc = Unauthorized("this method needs 'Authorization: Bearer <token>'")
+                return _unauthorized(services, exc, request_id)
+            # The first call was paid for before the body was read.
+            wait = services.limiter.take(anonymous, len(calls) - 1) if len(calls) > 1 else 0.0
+            if wait > 0:
+                return _rate_limited(services, _too_many(wait), request_id, headers)
+            who, label = anonymous, "anonymous"
+        else:
             # Enrollment keys are never cached, so this check stays off the hot path.
-            if principal is not None and principal.kind == "enroll":
+            if principal.kind == "enroll":
                 enrolls = sum(1 for c in calls if c.spec and "enroll" in c.spec.kinds)
-                bucket = enroll_bucket(principal, request.remote)
+                if client is None:
+                    client = self.client(request)
+                bucket = enroll_bucket(principal, client_key(client))
                 wait = services.auth.enroll_limiter.take(bucket, enrolls) if enrolls else 0.0
                 if wait > 0:
-                    return _rate_limited(services, wait, request_id, headers)
-        who = principal.label if principal else f"ip:{request.remote}"
-        wait = services.limiter.take(who, len(calls))
-        if wait > 0:
-            return _rate_limited(services, wait, request_id, headers)
-        label = who if principal else "anonymous"
+                    return _rate_limited(services, _too_many(wait), request_id, headers)
+            who = label = principal.label
+            wait = services.limiter.take(who, len(calls) - 1) if len(calls) > 1 else 0.0
+            if wait > 0:
+                return _rate_limited(services, _too_many(wait), request_id, headers)
         transport = request.transport  # rpc.discover reads its local address, if called
         if not is_batch:
-            payload = await _dispatch(services, principal, label, calls[0], request_id, transport)
+            payload, error = await _dispatch(
+                services, principal, label, calls[0], request_id, transport
+            )
             if payload is None:
                 return web.Response(status=204, headers=headers)
-            return web.Response(body=payload, content_type=_JSON, headers=headers)
+            status, headers = _single_answer_headers(error, headers)
+            return web.Response(body=payload, status=status, content_type=_JSON, headers=headers)
         bodies = [
-            await _dispatch(services, principal, label, c, request_id, transport) for c in calls
+            (await _dispatch(services, principal, label, c, request_id, transport))[0]
+            for c in calls
         ]
         answers = [b for b in bodies if b is not None]
         if not answers:
@@ -372,21 +457,81 @@ class RpcEndpoint:
         )
 
 
-async def _authenticate(
-    services: Services, header: str | None, calls: list[Call]
-) -> Principal | None:
-    """The caller of a header not in the auth cache, or None for an anonymous call."""
-    principal = await services.auth.authenticate(header)
-    if principal is None and any(c.spec and not c.spec.public for c in calls):
-        raise Unauthorized("this method needs 'Authorization: Bearer <token>'")
-    return principal
+async def _go_on(request: web.Request, limit: int) -> bool:
+    """Whether a body of the declared length may come (False: over ``limit``); when it may
+    and the client waits for ``100 Continue`` (see ``RpcEndpoint.expect``), say it."""
+    length = request.content_length
+    if length is not None and length > limit:
+        return False
+    if request.version == HttpVersion11 and "Expect" in request.headers:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own handler: the body has not begun
+    return True
+
+
+async def _read_at_most(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None when it is longer than ``limit`` (then as little of it is read
+    as can be: nothing when its length is declared)."""
+    if request.content_length is not None:
+        return await request.read()  # _go_on checked the length
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+CLOSE_GRACE_SECONDS = 0.5
+"""How long a connection refused before its body was read stays open after the answer."""
+
+
+async def _refuse(
+    request: web.Request, settings: Settings, response: web.Response
+) -> web.StreamResponse:
+    """Answer without reading the request body.
+
+    What is left of a small body (at most ``unauthenticated_max_body_bytes``, or already
+    received) is drained as usual and the connection kept. A larger one is never read:
+    the answer is sent with ``Connection: close`` and the end of our side of the stream,
+    then the connection is dropped after ``CLOSE_GRACE_SECONDS`` (time for the client to
+    read the answer before the reset the unread bytes cause). So is a body announced with
+    ``Expect: 100-continue``: its client may never send it, and whatever comes next on the
+    connection must not be taken for it.
+    """
+    length = request.content_length
+    small = length is not None and length <= settings.unauthenticated_max_body_bytes
+    if request.content.is_eof() or (small and "Expect" not in request.headers):
+        return response
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    transport = request.transport
+    if transport is not None and transport.can_write_eof():
+        transport.write_eof()
+    await asyncio.sleep(CLOSE_GRACE_SECONDS)
+    request.protocol.force_close()
+    return response
+
+
+def _unauthorized(services: Services, exc: Unauthorized, request_id: str) -> web.Response:
+    services.metrics.error("unauthorized")
+    headers = {"X-Request-Id": request_id, "WWW-Authenticate": "Bearer"}
+    return _error_response(401, app_error_object(exc, request_id), headers)
+
+
+def _too_large(exc: PayloadTooLarge, request_id: str, headers: dict[str, str]) -> web.Response:
+    return _error_response(413, app_error_object(exc, request_id), headers)
+
+
+def _too_many(wait: float) -> RateLimited:
+    return RateLimited("too many calls; retry later", retry_after=math.ceil(wait))
 
 
 def _rate_limited(
-    services: Services, wait: float, request_id: str, headers: dict[str, str]
+    services: Services, exc: RateLimited, request_id: str, headers: dict[str, str]
 ) -> web.Response:
-    retry_after = math.ceil(wait)
     services.metrics.error("rate_limited")
-    exc = RateLimited("too many calls; retry later", retry_after=retry_after)
-    headers = {**headers, "Retry-After": str(retry_after)}
+    headers = {**headers, "Retry-After": str(exc.details["retry_after"])}
     return _error_response(429, app_error_object(exc, request_id), headers)

@@ -22,7 +22,8 @@ from fedrpc.errors import (
     PreconditionFailed,
     PrivacyBudgetExhausted,
 )
-from fedrpc.services.round_aggregation import LEASE_SECONDS, aggregate_round
+from fedrpc.services import storage_gc
+from fedrpc.services.round_aggregation import aggregate_round
 from fedrpc.services.update_loop import RoundFailed
 from fedrpc.settings import Settings
 
@@ -77,7 +78,7 @@ async def aggregate_due_rounds(services: Services) -> None:
         "training.aggregate.claim_rounds_due",
         DueRound,
         max_rounds=settings.aggregation_rounds_per_pass,
-        lease_seconds=LEASE_SECONDS,
+        lease_seconds=settings.aggregation_lease_seconds,
     ):
         if rnd.attempts > settings.aggregation_max_attempts:
             # Earlier attempts never settled: their worker died (a round that crashes it).
@@ -87,7 +88,12 @@ async def aggregate_due_rounds(services: Services) -> None:
             await _settle(services, rnd, secure_aggregation_outcome(rnd))
             continue
         try:
-            await aggregate_round(services.db, services.storage, rnd.id)
+            await aggregate_round(
+                services.db,
+                services.storage,
+                rnd.id,
+                lease_seconds=services.settings.aggregation_lease_seconds,
+            )
         except Exception as exc:
             await _settle(services, rnd, outcome_of_failure(rnd, exc))
 
@@ -148,7 +154,7 @@ async def _settle(services: Services, rnd: DueRound, outcome: Outcome) -> None:
             "training.aggregate.update_round_given_up",
             round_id=rnd.id,
             reason=outcome.reason,
-            lease_seconds=LEASE_SECONDS,
+            lease_seconds=settings.aggregation_lease_seconds,
         )
     elif outcome.action in ("wait", "retry"):
         delay = backoff_seconds(rnd.attempts, settings) if outcome.action == "retry" else 0.0
@@ -162,7 +168,18 @@ async def _settle(services: Services, rnd: DueRound, outcome: Outcome) -> None:
         log.info("round %s of %s: %s; taken up again later", rnd.id, rnd.org_id, outcome.reason)
 
 
-JOBS = (purge_idempotency_keys, aggregate_due_rounds)
+async def collect_storage_garbage(services: Services) -> None:
+    """One bounded pass of the storage collector (:mod:`fedrpc.services.storage_gc`); a used
+    upload is kept as long as the idempotency results that may replay it."""
+    await storage_gc.collect(
+        services.db,
+        services.storage,
+        services.settings,
+        used_upload_keep_seconds=IDEMPOTENCY_WINDOW_SECONDS,
+    )
+
+
+JOBS = (purge_idempotency_keys, aggregate_due_rounds, collect_storage_garbage)
 
 
 async def run_periodically(services: Services, interval_seconds: float) -> None:

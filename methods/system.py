@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import platform
 from datetime import UTC, datetime
-from importlib.metadata import version
 
 from fedrpc import __version__
 from fedrpc.context import Context
@@ -18,12 +16,12 @@ async def ping(ctx: Context, p: PingParams) -> PingResult:
     return PingResult(pong=True, principal=ctx.principal.label, server_time=datetime.now(UTC))
 
 
+_VERSION = VersionResult(version=__version__, openrpc="1.3.2")
+
+
 @rpc_method(PUBLIC)
 async def version_(ctx: Context, p: VersionParams) -> VersionResult:
-    """The server's version; callable without a token."""
-    return VersionResult(
-        version=__version__,
-        openrpc="1.3.2",
-        python=platform.python_version(),
-        torch=version("torch"),
-    )
+    """The API's version and the OpenRPC revision of ``rpc.discover``; callable without a
+    token, so it names nothing about the server's environment (no Python or library
+    versions)."""
+    return _VERSION

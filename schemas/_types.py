@@ -28,6 +28,27 @@ Timestamp = datetime
 # Finite by construction: JSON has no NaN, and an upper bound keeps 1e999 (inf) out.
 Epsilon = Annotated[float, Meta(gt=0, le=1e6, description="privacy loss epsilon")]
 Delta = Annotated[float, Meta(gt=0, lt=1, description="privacy failure probability delta")]
-NoiseMultiplier = Annotated[float, Meta(gt=0, le=1e6)]
+# Below 1e-3 one step costs about 5e5 epsilon or more at any delta (half the largest budget
+# accepted), the PLD accountant's grid overflows (near 1e-5) and the RDP series divide by
+# zero (near 1e-160): docs/privacy.md, "Mechanism and neighbouring relation".
+NoiseMultiplier = Annotated[
+    float,
+    Meta(
+        ge=1e-3,
+        le=1e6,
+        description="Gaussian noise standard deviation over the L2 sensitivity (>= 1e-3)",
+    ),
+]
+# A round may run with less noise than an estimate may ask about: with a budget such a
+# round is refused by its charge, without one it still has a price (RDP), and an exactness
+# test needs it. 1e-9 keeps the RDP series clear of underflow (near 1e-160).
+RoundNoiseMultiplier = Annotated[
+    float,
+    Meta(
+        ge=1e-9,
+        le=1e6,
+        description="Gaussian noise standard deviation over the L2 sensitivity (>= 1e-9)",
+    ),
+]
 SampleRate = Annotated[float, Meta(gt=0, le=1)]
 Steps = Annotated[int, Meta(ge=1, le=100_000_000)]

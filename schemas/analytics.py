@@ -29,7 +29,14 @@ class Observation(Params, kw_only=True):
         | None
     ) = None
     category: Category | None = None
-    recorded_at: datetime
+    # msgspec publishes a datetime as a bare string: say which strings decode.
+    recorded_at: Annotated[
+        datetime,
+        Meta(
+            extra_json_schema={"format": "date-time"},
+            description="RFC 3339 with a time zone, e.g. 2026-01-01T00:00:00Z",
+        ),
+    ]
 
 
 class ReportParams(MutatingParams, kw_only=True):

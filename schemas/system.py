@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
+
+from msgspec import Meta
 
 from schemas._base import Empty, Result
 
@@ -16,11 +19,11 @@ class PingResult(Result):
 
 
 class VersionParams(Empty):
-    """The server's version and API revision."""
+    """The API's version and the OpenRPC revision of its description."""
 
 
 class VersionResult(Result):
-    version: str
-    openrpc: str
-    python: str
-    torch: str
+    """Only the API's own versions: nothing about the server's environment."""
+
+    version: Annotated[str, Meta(description="The API version (the fedrpc release).")]
+    openrpc: Annotated[str, Meta(description="The OpenRPC revision rpc.discover follows.")]

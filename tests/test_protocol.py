@@ -247,10 +247,17 @@ async def test_batches_longer_than_the_limit_are_refused(spec_client):
 async def test_oversized_bodies_get_413_and_a_jsonrpc_error(aiohttp_client, settings):
     small = msgspec.structs.replace(settings, max_body_bytes=1024)
     client = RpcClient(await aiohttp_client(create_app(small)))
-    resp, body = await client.post(
-        {"jsonrpc": "2.0", "method": "system.version", "id": 1, "params": {"x": "a" * 2000}}
-    )
+    too_big = {"jsonrpc": "2.0", "method": "system.version", "id": 1, "params": {"x": "a" * 2000}}
+    resp, body = await client.post(too_big)
     assert resp.status == 413 and body["error"]["data"]["type"] == "payload_too_large"
+    # With a token the same limit holds (the declared length is refused before reading).
+    from fedrpc.admin import create_org
+    from fedrpc.app import SERVICES
+
+    _, token = await create_org(client.app[SERVICES].db, "big-bodies")
+    resp, body = await client.post(too_big, token)
+    assert resp.status == 413 and body["error"]["data"]["type"] == "payload_too_large"
+    assert "exceeds 1024 bytes" in body["error"]["data"]["message"]
 
 
 async def test_calls_without_a_token_get_401(client):

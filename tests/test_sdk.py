@@ -34,12 +34,14 @@ async def test_errors_raise_the_servers_exception_types(client, org):
     async with Client(url_of(client), org.token) as sdk:
         with pytest.raises(NotFound) as missing:
             await sdk.models.get(model_id="mdl_" + "0" * 32)
-        with pytest.raises(BadRequest):
+        with pytest.raises(BadRequest) as invalid:
             await sdk.models.create(name="")
     async with Client(url_of(client), "fk_wrong") as stranger:
         with pytest.raises(Unauthorized):
             await stranger.orgs.get()
     assert missing.value.code == 4404 and "request_id" in missing.value.details
+    # The server's path to the bad value survives into the exception.
+    assert invalid.value.code == -32602 and invalid.value.details["path"] == "$.name"
 
 
 async def test_a_batch_answers_each_call_or_its_exception(client, org):

@@ -7,16 +7,22 @@ program, swapping in the new state dict and exporting again (the recipe in
 ``docs/model-artifacts.md``), or, faster, by filling the new values into the
 base graph where that graph provably takes them (:mod:`fedrpc.fl.reweight`).
 
-Both functions are synchronous and CPU bound; the server runs them with
-``asyncio.to_thread``. They keep no state between calls (the caller keeps
-ONNX templates) and do not change torch's process-wide thread count (export
-time is Python-bound: 1 and 2 threads measured the same).
+Both functions are synchronous and CPU bound. They parse and run artifacts
+an org admin supplied, so the server calls them only in its sandbox process,
+under memory and time limits (:mod:`fedrpc.services.artifact_sandbox`). They
+keep no state between calls (the caller keeps ONNX templates), cap the
+declared input shape before building any tensor of it (``max_input_elements``,
+:func:`fedrpc.fl.onnx_models.check_input_size`), and report each stage's
+artifact to an optional ``on_stage`` callback, so that a sandbox whose child
+was stopped can name the artifact at fault. They do not change torch's
+process-wide thread count (export time is Python-bound: 1 and 2 threads
+measured the same); the sandbox runs them on one thread.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,19 +30,36 @@ import numpy as np
 
 from fedrpc.fl._dtypes import SUPPORTED_DTYPES, quote_name
 from fedrpc.fl._errors import InvalidInput
-from fedrpc.fl.onnx_models import OnnxModel, load_onnx, rename_batch_dim
+from fedrpc.fl.onnx_models import (
+    DEFAULT_MAX_INPUT_ELEMENTS,
+    OnnxModel,
+    check_input_size,
+    load_onnx,
+    rename_batch_dim,
+)
 from fedrpc.fl.program_archive import TORCH_EXPORT_LOCK, load_program, save_program
 from fedrpc.fl.reweight import fill_template, make_onnx_template, reweight_program
 from fedrpc.fl.tensor_codecs import decode_state_dict, to_torch_state
 from fedrpc.fl.tensors import TensorSpec, check_finite, check_matches
 
-__all__ = ["BundleInfo", "ExportedVersion", "export_version", "validate_bundle"]
+__all__ = [
+    "BundleInfo",
+    "ExportDisagrees",
+    "ExportedVersion",
+    "export_version",
+    "validate_bundle",
+]
 
 #: Relative tolerance of every ONNX-vs-torch comparison: |diff| <= RTOL * max(1, max|out|).
 RTOL = 1e-4
 #: Batch sizes of the registration check when the batch dimension is dynamic
 #: (not 1: a graph that mixes samples would still pass at batch size 1).
 _CHECK_BATCHES = (2, 3)
+
+
+def _ignore(stage: str) -> None:
+    """The default ``on_stage``, which receives the artifact worked on as the error messages
+    name it (``weights_data``, ``onnx_data``, ``program_data``): nobody listens."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,12 +141,17 @@ def _leaves(value: Any) -> Iterator[Any]:
 
 
 def _max_abs_diff(
-    module: Any, onnx: OnnxModel, shape: tuple[int, ...], rng: np.random.Generator
+    module: Any,
+    onnx: OnnxModel,
+    shape: tuple[int, ...],
+    rng: np.random.Generator,
+    on_stage: Callable[[str], None] = _ignore,
 ) -> float:
     """Run both graphs on one random input; the largest |difference|, or raise."""
     import torch
 
     x = rng.standard_normal(shape).astype(onnx.input_dtype)
+    on_stage("program_data")
     try:
         with torch.no_grad():
             expected = [t.detach().double().numpy() for t in _leaves(module(torch.from_numpy(x)))]
@@ -131,6 +159,7 @@ def _max_abs_diff(
         raise InvalidInput(
             f"program_data: the program failed to run on an input of shape {list(shape)}"
         ) from exc
+    on_stage("onnx_data")
     actual = onnx.run(x)
     if len(actual) != len(expected):
         raise InvalidInput(f"onnx_data has {len(actual)} outputs, program_data {len(expected)}")
@@ -159,6 +188,9 @@ def validate_bundle(
     onnx_bytes: bytes,
     program_bytes: bytes,
     rng: np.random.Generator,
+    *,
+    max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS,
+    on_stage: Callable[[str], None] = _ignore,
 ) -> BundleInfo:
     """Check that a state dict, an ONNX model and an exported program agree.
 
@@ -168,16 +200,21 @@ def validate_bundle(
     dict must have exactly the program's tensor names, shapes and dtypes and
     hold no NaN/inf; and the program, with the state dict loaded
     (``strict=True``), and the ONNX model must give the same outputs on random
-    inputs within ``RTOL * max(1, max|output|)``.
+    inputs within ``RTOL * max(1, max|output|)``. Both declared input shapes
+    must stay within ``max_input_elements`` (a dynamic batch counts as 1);
+    the ONNX one is checked before onnxruntime opens the model.
 
     Raises
     ------
     InvalidInput
         Naming the artifact at fault.
     """
+    on_stage("weights_data")
     state = decode_state_dict(state_bytes, state_encoding, field="weights_data")
     check_finite(state)
-    onnx = load_onnx(onnx_bytes)
+    on_stage("onnx_data")
+    onnx = load_onnx(onnx_bytes, max_input_elements=max_input_elements)
+    on_stage("program_data")
     program = load_program(program_bytes)
     with _Quiet():
         module = program.module()
@@ -190,6 +227,7 @@ def validate_bundle(
 
     program_shape, program_dtype = _program_input(program)
     _check_input_layout("program_data", program_shape)
+    check_input_size("program_data", program_shape, max_input_elements)
     _check_input_layout("onnx_data", onnx.input_shape)
     if program_shape[0] is not None:
         raise InvalidInput(
@@ -202,8 +240,17 @@ def validate_bundle(
             f"program_data's input {list(program_shape)} {program_dtype}"
         )
     batches = _CHECK_BATCHES if onnx.input_shape[0] is None else (onnx.input_shape[0],)
-    diff = max(_max_abs_diff(module, onnx, (b, *onnx.input_shape[1:]), rng) for b in batches)
+    diff = max(
+        _max_abs_diff(module, onnx, (b, *onnx.input_shape[1:]), rng, on_stage) for b in batches
+    )
     return BundleInfo(manifest, onnx.input_shape, onnx.input_name, diff)
+
+
+class ExportDisagrees(RuntimeError):
+    """A re-exported ONNX model disagrees with its program (an exporter fault, not the caller's).
+
+    Its ``__cause__`` is the failed check (an :class:`InvalidInput`).
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +275,8 @@ def export_version(
     *,
     onnx_template: bytes | None = None,
     batch_sizes: Sequence[int] = (5, 7),
+    max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS,
+    on_stage: Callable[[str], None] = _ignore,
 ) -> ExportedVersion:
     """Make a new version's program and ONNX model from the base program.
 
@@ -243,23 +292,28 @@ def export_version(
     result is itself a template for the next version (onnxruntime folds at
     load time anyway). Either way the result is checked before it is
     returned: onnxruntime and the program agree on a fixed pseudo-random
-    input at every size in ``batch_sizes``.
+    input at every size in ``batch_sizes``. The program's declared input
+    must stay within ``max_input_elements`` (a dynamic batch counts as 1).
 
     Raises
     ------
     InvalidInput
-        ``new_state`` does not match the program or holds NaN/inf.
-    RuntimeError
-        The exporter produced an ONNX model that disagrees with the program
-        (an exporter fault, not the caller's).
+        ``new_state`` does not match the program or holds NaN/inf, or the
+        program's input is over the cap.
+    ExportDisagrees
+        A RuntimeError: the exporter produced an ONNX model that disagrees
+        with the program (an exporter fault, not the caller's); its cause is
+        the failed check.
     """
     import torch
 
     if not batch_sizes or min(batch_sizes) < 2:
         raise InvalidInput("batch_sizes must be at least 2 (torch specializes size 1)")
+    on_stage("program_data")
     program = load_program(program_bytes)
     shape, dtype = _program_input(program)
     _check_input_layout("program_data", shape)
+    check_input_size("program_data", shape, max_input_elements)
     with _Quiet():
         module = program.module()
         manifest = _program_manifest(module)
@@ -269,9 +323,11 @@ def export_version(
         module.load_state_dict(torch_state, strict=True)
     if onnx_template is not None:
         reweight_program(program, torch_state)
+        on_stage("onnx_data")
         onnx_bytes = fill_template(onnx_template, torch_state)
-        if _agrees(module, onnx_bytes, shape, batch_sizes):
+        if _agrees(module, onnx_bytes, shape, batch_sizes, max_input_elements, on_stage):
             return ExportedVersion(save_program(program), onnx_bytes, "filled", onnx_template)
+    on_stage("program_data")
     with _Quiet(), TORCH_EXPORT_LOCK:
         example = torch.zeros((batch_sizes[0], *shape[1:]), dtype=getattr(torch, dtype))
         batch = torch.export.Dim("batch", min=1)
@@ -280,22 +336,42 @@ def export_version(
             exported, dynamo=True, optimize=False, external_data=False, verbose=False
         )
     onnx_bytes = rename_batch_dim(onnx_program.model_proto).SerializeToString()
-    if not _agrees(module, onnx_bytes, shape, batch_sizes):
-        raise RuntimeError("the re-exported ONNX model disagrees with the program")
+    try:
+        _check_agreement(module, onnx_bytes, shape, batch_sizes, max_input_elements, on_stage)
+    except InvalidInput as exc:  # kept as the cause: it tells a failed run from a disagreement
+        raise ExportDisagrees("the re-exported ONNX model disagrees with the program") from exc
     return ExportedVersion(
         save_program(exported), onnx_bytes, "exported", make_onnx_template(onnx_bytes, manifest)
     )
 
 
+def _check_agreement(
+    module: Any,
+    onnx_bytes: bytes,
+    shape: tuple[int | None, ...],
+    batch_sizes: Sequence[int],
+    max_input_elements: int,
+    on_stage: Callable[[str], None],
+) -> None:
+    """Raise unless onnxruntime and ``module`` agree within RTOL at every batch size."""
+    rng = np.random.default_rng(0)  # a local, fixed stream: the check must be reproducible
+    on_stage("onnx_data")
+    onnx = load_onnx(onnx_bytes, max_input_elements=max_input_elements)
+    for b in batch_sizes:
+        _max_abs_diff(module, onnx, (b, *shape[1:]), rng, on_stage)
+
+
 def _agrees(
-    module: Any, onnx_bytes: bytes, shape: tuple[int | None, ...], batch_sizes: Sequence[int]
+    module: Any,
+    onnx_bytes: bytes,
+    shape: tuple[int | None, ...],
+    batch_sizes: Sequence[int],
+    max_input_elements: int,
+    on_stage: Callable[[str], None],
 ) -> bool:
     """Whether onnxruntime and ``module`` agree within RTOL at every batch size."""
-    rng = np.random.default_rng(0)  # a local, fixed stream: the check must be reproducible
     try:
-        onnx = load_onnx(onnx_bytes)
-        for b in batch_sizes:
-            _max_abs_diff(module, onnx, (b, *shape[1:]), rng)
+        _check_agreement(module, onnx_bytes, shape, batch_sizes, max_input_elements, on_stage)
     except InvalidInput:
         return False
     return True

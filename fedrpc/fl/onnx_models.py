@@ -1,15 +1,19 @@
 """ONNX models as bytes: strict loading for checks, and batch-dim naming.
 
 A model is accepted only if it is self-contained (no external data: a path
-inside an untrusted model must never make the server read a file), passes
-``onnx.checker`` and loads in onnxruntime's CPU provider. Sessions run on one
-thread each: they are short checks on a shared 2-core server, and ORT's
-thread count is per session, so nothing global changes.
+inside an untrusted model must never make the server read a file), declares
+an input no larger than the caller's cap (checked on the parsed graph, before
+onnxruntime or any tensor sees it), passes ``onnx.checker`` and loads in
+onnxruntime's CPU provider. Sessions run on one thread each: they are short
+checks on a shared 2-core server, and ORT's thread count is per session, so
+nothing global changes. The server calls this only inside its sandbox
+process (:mod:`fedrpc.services.artifact_sandbox`), which bounds what a model
+can cost while it is parsed, loaded and run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +21,17 @@ import numpy as np
 
 from fedrpc.fl._errors import InvalidInput
 
-__all__ = ["OnnxModel", "load_onnx", "rename_batch_dim"]
+__all__ = [
+    "DEFAULT_MAX_INPUT_ELEMENTS",
+    "OnnxModel",
+    "check_input_size",
+    "load_onnx",
+    "rename_batch_dim",
+]
+
+#: The most elements a model's declared input may have, a dynamic batch dimension counted
+#: as 1 (FEDRPC_ARTIFACT_MAX_INPUT_ELEMENTS's default).
+DEFAULT_MAX_INPUT_ELEMENTS = 1_000_000
 
 _INPUT_DTYPES = {
     "tensor(float)": np.dtype(np.float32),
@@ -81,15 +95,60 @@ def _uses_external_data(model: Any) -> bool:
     )
 
 
-def load_onnx(data: bytes) -> OnnxModel:
-    """Parse, check and open an ONNX model with exactly one floating input.
+def check_input_size(field: str, shape: Sequence[int | None], max_elements: int) -> None:
+    """Refuse a declared input shape whose validation tensors would be too large.
+
+    ``None`` marks a dynamic dimension and counts as 1 (the checks fill it with
+    a small batch size). Every fixed dimension must be at least 1 and their
+    product at most ``max_elements``, so no single dimension exceeds it either.
+    Runs before any tensor of that shape is built.
 
     Raises
     ------
     InvalidInput
-        The bytes are not an ONNX model, use external data, fail the checker,
-        cannot be loaded by onnxruntime, or the model has other than one
-        float16/float32/float64 input.
+        Naming ``field`` and the cap.
+    """
+    shown = [*shape[:8], *(["..."] if len(shape) > 8 else [])]
+    elements = 1
+    for dim in shape:
+        if dim is None:
+            continue
+        if dim < 1:
+            raise InvalidInput(f"{field}: the declared input shape {shown} has a dimension below 1")
+        elements *= dim
+        if elements > max_elements:
+            raise InvalidInput(
+                f"{field}: the declared input shape {shown} has more than {max_elements:,} "
+                "elements per sample (a dynamic batch dimension counts as 1); "
+                "the server does not check models with larger inputs"
+            )
+
+
+def _declared_inputs(model: Any) -> list[tuple[int | None, ...]]:
+    """The declared shapes of the main graph's inputs that are not initializers."""
+    initializers = {init.name for init in model.graph.initializer}
+    shapes = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        shapes.append(tuple(d.dim_value if d.HasField("dim_value") else None for d in dims))
+    return shapes
+
+
+def load_onnx(data: bytes, *, max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS) -> OnnxModel:
+    """Parse, check and open an ONNX model with exactly one floating input.
+
+    The declared input shapes are checked against ``max_input_elements``
+    (:func:`check_input_size`) right after parsing, before ``onnx.checker``
+    and onnxruntime see the model.
+
+    Raises
+    ------
+    InvalidInput
+        The bytes are not an ONNX model, use external data, declare an input
+        over the cap, fail the checker, cannot be loaded by onnxruntime, or
+        the model has other than one float16/float32/float64 input.
     """
     import onnx
     import onnxruntime as ort
@@ -102,6 +161,8 @@ def load_onnx(data: bytes) -> OnnxModel:
         raise InvalidInput(
             "onnx_data refers to external data files; export with external_data=False"
         )
+    for shape in _declared_inputs(model):
+        check_input_size("onnx_data", shape, max_input_elements)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:

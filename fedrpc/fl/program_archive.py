@@ -10,8 +10,9 @@ archive with :mod:`zipfile` and refuses anything but the plain layout that
 ``torch.export.save`` writes for a model without custom objects: stored (not
 compressed) entries under one root, JSON configs, raw weight and constant
 buffers, and sample inputs that load with ``weights_only=True``. That closes
-the unpickling routes of torch 2.13's loader; it is not a sandbox for the
-graph deserializer itself.
+the unpickling routes of torch 2.13's loader. The graph deserializer itself
+is not made safe here: the server calls this only in its sandbox process,
+under memory and time limits (:mod:`fedrpc.services.artifact_sandbox`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import numpy as np
 from fedrpc.db import Database
 from fedrpc.errors import BadRequest, PreconditionFailed
 from fedrpc.fl import stats
+from fedrpc.math_pool import MathPool
 from fedrpc.services import analytics_dp
 from fedrpc.services.analytics_questions import (
     Policy,
@@ -79,13 +80,19 @@ def _stats(row: SummaryRow, order_stats: bool, pct: list[float] | None) -> Group
 
 
 async def descriptive(
-    db: Database, policy: Policy, org_id: str, query_id: str, p: DescriptiveParams
+    db: Database,
+    policy: Policy,
+    org_id: str,
+    query_id: str,
+    p: DescriptiveParams,
+    *,
+    pool: MathPool | None = None,
 ) -> DescriptiveResult:
     check_kind(policy, p.variable, "numeric")
     check_spending(policy, org_id, p.dp, "descriptive")
     scope = Scope.of(p, org_id, p.variable, p.group_by, p.group_ids)
     if p.dp is not None:
-        return await analytics_dp.descriptive(db, policy, query_id, p, scope)
+        return await analytics_dp.descriptive(db, policy, query_id, p, scope, pool=pool)
     floor = floor_of(policy, p.filters)
     shown, suppressed, overlapping = await numeric_groups(db, scope, floor)
     if not shown:
@@ -155,7 +162,13 @@ async def _histograms(
 
 
 async def t_test(
-    db: Database, policy: Policy, org_id: str, query_id: str, p: TTestParams
+    db: Database,
+    policy: Policy,
+    org_id: str,
+    query_id: str,
+    p: TTestParams,
+    *,
+    pool: MathPool | None = None,
 ) -> TTestResult:
     check_kind(policy, p.variable, "numeric")
     check_spending(policy, org_id, p.dp, "t_test")
@@ -163,7 +176,7 @@ async def t_test(
         raise BadRequest("group_a and group_b must be different groups", field="group_b")
     scope = Scope.of(p, org_id, p.variable, p.group_by, [p.group_a, p.group_b])
     if p.dp is not None:
-        found, _, charge = await analytics_dp.summaries(db, policy, query_id, p, scope)
+        found, _, charge = await analytics_dp.summaries(db, policy, query_id, p, scope, pool=pool)
         floor = floor_of(policy, p.filters)
     else:
         floor = floor_of(policy, p.filters)
@@ -193,13 +206,21 @@ async def t_test(
 
 
 async def anova(
-    db: Database, policy: Policy, org_id: str, query_id: str, p: AnovaParams
+    db: Database,
+    policy: Policy,
+    org_id: str,
+    query_id: str,
+    p: AnovaParams,
+    *,
+    pool: MathPool | None = None,
 ) -> AnovaResult:
     check_kind(policy, p.variable, "numeric")
     check_spending(policy, org_id, p.dp, "anova")
     scope = Scope.of(p, org_id, p.variable, p.group_by, p.group_ids)
     if p.dp is not None:
-        found, suppressed, charge = await analytics_dp.summaries(db, policy, query_id, p, scope)
+        found, suppressed, charge = await analytics_dp.summaries(
+            db, policy, query_id, p, scope, pool=pool
+        )
         floor = floor_of(policy, p.filters)
     else:
         floor = floor_of(policy, p.filters)

@@ -5,7 +5,9 @@ would itself depend on single devices): the ``group_ids`` asked for, or every
 active member with ``group_by: federation_member``. Each gets a noised count,
 and only groups whose *noised* count reaches the floor are shown. The charge
 (one Gaussian step at ``q = 1``, ``fedrpc.fl.stats.dp``) is recorded before
-anything is computed and is refused when it would exceed the budget.
+anything is computed and is refused when it would exceed the budget; it is
+priced in the app's math pool when given one (``pool``: the ledger's history
+may hold (noise, rate) pairs this process has not priced yet).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fedrpc.errors import BadRequest, PreconditionFailed
 from fedrpc.fl import stats
 from fedrpc.fl.privacy import RoundCharge
 from fedrpc.fl.stats import dp as stats_dp
+from fedrpc.math_pool import MathPool
 from fedrpc.services import privacy_budget
 from fedrpc.services.analytics_questions import domain_of, floor_of
 from schemas.federations.analytics import DescriptiveResult, DpCharge, GroupStats
@@ -45,7 +48,7 @@ async def _domain(db: Database, scope: Any) -> list[str]:
 
 
 async def summaries(
-    db: Database, policy: Any, query_id: str, p: Any, scope: Any
+    db: Database, policy: Any, query_id: str, p: Any, scope: Any, *, pool: MathPool | None = None
 ) -> tuple[dict[str, stats.GroupSummary], list[str], DpCharge]:
     """Each group of the question's domain whose noised count reaches the floor, the others
     (suppressed), and the charge."""
@@ -64,7 +67,8 @@ async def summaries(
         upper=dp.upper,
         mid=mid,
     )
-    entry = await privacy_budget.charge_round(db, p.federation_id, query_id, RoundCharge(z, 1.0, 1))
+    charge = RoundCharge(z, 1.0, 1)
+    entry = await privacy_budget.charge_round(db, p.federation_id, query_id, charge, pool=pool)
     exact = {r.group_id: stats_dp.DeviceSums(r.n, r.sum, r.sum_squares) for r in rows}
     # The noise must be unpredictable: seeded from the OS's cryptographic source.
     rng = np.random.default_rng(secrets.randbits(128))
@@ -75,18 +79,18 @@ async def summaries(
         )
         if noised is not None and noised.n >= floor_of(policy, p.filters):
             shown[g] = noised
-    charge = DpCharge(epsilon=entry.round_epsilon_cost, delta=entry.delta, noise_multiplier=z)
-    return shown, [g for g in domain if g not in shown], charge
+    spent = DpCharge(epsilon=entry.round_epsilon_cost, delta=entry.delta, noise_multiplier=z)
+    return shown, [g for g in domain if g not in shown], spent
 
 
 async def descriptive(
-    db: Database, policy: Any, query_id: str, p: Any, scope: Any
+    db: Database, policy: Any, query_id: str, p: Any, scope: Any, *, pool: MathPool | None = None
 ) -> DescriptiveResult:
     """Noised count, mean and standard deviation per group (no percentiles, min, max or
     histogram: they would need a privacy mechanism of their own)."""
     if p.histogram is not None:
         raise BadRequest("a histogram is not available with dp", field="histogram")
-    shown, suppressed, charge = await summaries(db, policy, query_id, p, scope)
+    shown, suppressed, charge = await summaries(db, policy, query_id, p, scope, pool=pool)
     if not shown:
         raise PreconditionFailed(
             f"no group's noised count reaches {floor_of(policy, p.filters)}: nothing can be shown "

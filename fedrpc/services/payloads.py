@@ -78,7 +78,13 @@ async def _read(ctx: Context, field: str, upload: Upload) -> bytes:
         raise BadRequest(
             f"{field}: uploaded {size} bytes but declared {upload.size_bytes}", field=field
         )
-    data = await ctx.storage.get(upload.object_key)
+    # Never more than declared: the object could be written again between the stat and the
+    # read (the URL stays valid until it expires; S3 holds it to the declared length too).
+    data = await ctx.storage.get(upload.object_key, max_bytes=upload.size_bytes)
+    if len(data) != upload.size_bytes:
+        raise BadRequest(
+            f"{field}: uploaded {len(data)} bytes but declared {upload.size_bytes}", field=field
+        )
     if hashlib.sha256(data).hexdigest() != upload.sha256:
         raise BadRequest(
             f"{field}: the uploaded bytes do not match the declared sha256", field=field

@@ -1,20 +1,25 @@
 """Aggregating a round into a new model version, with its I/O around the pure kernels.
 
-The round is claimed in Postgres (running -> aggregating, with a lease) so two
-callers cannot both aggregate it and a crashed worker's round is taken over.
-The update loop runs in a worker thread (:mod:`fedrpc.services.update_loop`),
-so do the new version's bytes (:mod:`fedrpc.services.version_artifacts`). The new
-version's objects are written first, then one transaction stores the
-version (and the server optimiser state) and completes the round; any failure
-leaves no version row and no object behind. A private round was charged to
-its federation's privacy ledger when its devices were drawn
-(:mod:`fedrpc.services.selection`).
+The round is claimed in Postgres (running -> aggregating, :class:`Claim`: a
+token and a lease renewed while the aggregation works) so two callers cannot
+both aggregate it and a crashed worker's round is taken over once its lease
+ran out. The claim fixes the round's set of updates: an upload commits before
+it or finds the round aggregating and is refused. The update loop runs in a
+worker thread (:mod:`fedrpc.services.update_loop`), so do the new version's
+bytes (:mod:`fedrpc.services.version_artifacts`). The new version's objects are
+written first, then one transaction stores the version (and the server
+optimiser state of its lineage) and completes the round, an UPDATE guarded by
+the claim: if the round was cancelled or taken over meanwhile, nothing is
+published. Any failure leaves no version row and no object behind. A private
+round was charged to its federation's privacy ledger when its devices were
+drawn (:mod:`fedrpc.services.selection`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import secrets
 from typing import Any
@@ -23,12 +28,7 @@ import msgspec
 import numpy as np
 
 from fedrpc.db import Database
-from fedrpc.errors import (
-    BadRequest,
-    Conflict,
-    NotFound,
-    PreconditionFailed,
-)
+from fedrpc.errors import BadRequest, NotFound, PreconditionFailed
 from fedrpc.fl import InvalidInput
 from fedrpc.fl.aggregate import check_strategy
 from fedrpc.fl.metrics import version_metrics
@@ -38,18 +38,22 @@ from fedrpc.services.policy import (
     check_round_mix,
     check_secure_round,
 )
+from fedrpc.services.rounds import Claim, ClaimLost
 from fedrpc.services.secagg_result import session_result
 from fedrpc.services.selection import poisson_selected
+from fedrpc.services.storage_gc import delete_unnamed
 from fedrpc.services.update_loop import RoundFailed, UpdateRow, cap_sample_counts, compute
 from fedrpc.services.version_artifacts import encode_weights, export_graphs
 from fedrpc.services.versions import publish_version
+from fedrpc.settings import Settings
 from fedrpc.storage import Storage
 from schemas.federations import Federation
 from schemas.models.versions import ModelVersion
 from schemas.training import Round
 
 log = logging.getLogger("fedrpc.services.round_aggregation")
-LEASE_SECONDS = 600
+# FEDRPC_AGGREGATION_LEASE_SECONDS's default, for callers without settings at hand.
+LEASE_SECONDS = Settings().aggregation_lease_seconds
 
 
 class BaseArtifacts(msgspec.Struct):
@@ -64,34 +68,28 @@ class BaseArtifacts(msgspec.Struct):
 class StateRow(msgspec.Struct):
     strategy: str
     version: int
+    parent_version: int | None
     object_key: str
     sha256: str
 
 
-async def _claim(db: Database, round_id: str) -> None:
-    if await db.value(
-        "training.aggregate.claim_round_for_aggregation",
-        round_id=round_id,
-        lease_seconds=LEASE_SECONDS,
-    ):
-        return
-    state = await db.value("training.find_round_state", round_id=round_id)
-    if state is None:
-        raise NotFound("no round with this id")
-    if state == "aggregating":
-        raise Conflict("the round is being aggregated by another call", state=state)
-    raise PreconditionFailed(
-        f"the round is {state}; aggregation needs it running", state=state, allowed=["running"]
-    )
-
-
 async def _server_state(
-    db: Database, storage: Storage, model_id: str, strategy: str
+    db: Database, storage: Storage, rnd: Round, strategy: str
 ) -> dict[str, np.ndarray]:
-    row = await db.maybe("training.aggregate.find_server_state", StateRow, model_id=model_id)
+    """The optimiser state of the round's lineage: the one computed with its base version by
+    the same strategy; none (a fresh start) for a base version made any other way."""
+    row = await db.maybe(
+        "training.aggregate.find_server_state",
+        StateRow,
+        model_id=rnd.model_id,
+        version=rnd.base_version,
+    )
     if row is None or row.strategy != strategy:
         return {}
-    return decode_state_dict(await storage.get(row.object_key), "safetensors", field="server state")
+    data = await storage.get(row.object_key)
+    if hashlib.sha256(data).hexdigest() != row.sha256:
+        raise RoundFailed("the server optimiser state changed in storage since it was written")
+    return decode_state_dict(data, "safetensors", field="server state")
 
 
 async def aggregate_round(
@@ -103,8 +101,13 @@ async def aggregate_round(
     params: dict[str, float] | None = None,
     min_updates: int | None = None,
     publish: bool = True,
+    lease_seconds: float = LEASE_SECONDS,
 ) -> ModelVersion:
-    """Aggregate a running round into a new version of its model (a draft unless publish)."""
+    """Aggregate a running round into a new version of its model (a draft unless publish).
+
+    The round's rules are checked before it is claimed (a round that cannot be aggregated
+    is never closed to uploads) and again on the updates the claim fixed.
+    """
     rnd = await db.get(
         "training.aggregate.get_round", Round, round_id=round_id, missing="no round with this id"
     )
@@ -128,15 +131,53 @@ async def aggregate_round(
         )
     except InvalidInput as exc:
         raise BadRequest(str(exc)) from None
+    needed = min_updates or rnd.min_updates
+    await _inputs(db, rnd, secure, federation, needed, "training.aggregate.list_round_update_heads")
+    claim = Claim(db, round_id, lease_seconds)
+    await claim.take()
+    try:
+        # The set of updates is fixed now: an upload committed before the claim, or it finds
+        # the round aggregating and is refused (the claim's UPDATE waits for its row lock).
+        rows, count = await _inputs(
+            db, rnd, secure, federation, needed, "training.aggregate.list_round_updates"
+        )
+        async with claim.renewed():
+            return await _aggregate_claimed(
+                db, storage, claim, rnd, name, full_params, rows, publish, num_updates=count
+            )
+    except ClaimLost:
+        # Cancelled or taken over: the other party owns the round's state now.
+        raise await claim.lost_error() from None
+    except (RoundFailed, NotFound) as exc:
+        # These will not pass by retrying: the round fails with the reason.
+        await claim.fail(exc.message)
+        raise
+    except InvalidInput as exc:
+        # Strategy parameters impossible for this many updates: retry with others.
+        await claim.release()
+        raise BadRequest(str(exc)) from None
+    except BaseException:
+        # Storage down, a lost connection, a bug: leave the round retryable.
+        await claim.release()
+        raise
+
+
+async def _inputs(
+    db: Database,
+    rnd: Round,
+    secure: tuple | None,
+    federation: Federation | None,
+    needed: int,
+    query: str,
+) -> tuple[list[UpdateRow], int]:
+    """The round's inputs and their count, once they meet its rules."""
     if secure is None:
         rows = cap_sample_counts(
-            await db.all("training.aggregate.list_round_updates", UpdateRow, round_id=round_id),
-            rnd.max_sample_count,
+            await db.all(query, UpdateRow, round_id=rnd.id), rnd.max_sample_count
         )
         count = len(rows)
     else:
         rows, count = [secure[0]], secure[1].survivors
-    needed = min_updates or rnd.min_updates
     if count < needed:
         if rnd.dp_config is not None:  # a private round's update count is not published
             raise PreconditionFailed(
@@ -161,25 +202,7 @@ async def aggregate_round(
         check_round_mix(
             federation, mix.update_orgs, mix.selected_orgs, private=rnd.dp_config is not None
         )
-    await _claim(db, round_id)
-    try:
-        return await _aggregate_claimed(
-            db, storage, rnd, name, full_params, rows, publish, num_updates=count
-        )
-    except (RoundFailed, NotFound) as exc:
-        # These will not pass by retrying: the round fails with the reason.
-        await db.run(
-            "training.aggregate.update_round_failed", round_id=round_id, reason=exc.message
-        )
-        raise
-    except InvalidInput as exc:
-        # Strategy parameters impossible for this many updates: retry with others.
-        await db.run("training.aggregate.update_round_running_again", round_id=round_id)
-        raise BadRequest(str(exc)) from None
-    except BaseException:
-        # Storage down, a lost connection, a bug: leave the round retryable.
-        await db.run("training.aggregate.update_round_running_again", round_id=round_id)
-        raise
+    return rows, count
 
 
 class _Mix(msgspec.Struct):
@@ -190,6 +213,7 @@ class _Mix(msgspec.Struct):
 async def _aggregate_claimed(
     db: Database,
     storage: Storage,
+    claim: Claim,
     rnd: Round,
     strategy: str,
     params: dict,
@@ -211,11 +235,21 @@ async def _aggregate_claimed(
     base_bytes, program_bytes, server_state = await asyncio.gather(
         storage.get(base.weights_key),
         storage.get(base.program_key),
-        _server_state(db, storage, rnd.model_id, strategy),
+        _server_state(db, storage, rnd, strategy),
     )
     outcome, new_state = await asyncio.to_thread(
-        compute, storage, rnd, strategy, params, rows, manifest, base_bytes, server_state
+        compute,
+        storage,
+        rnd,
+        strategy,
+        params,
+        rows,
+        manifest,
+        base_bytes,
+        server_state,
+        checkpoint=claim.check,
     )
+    await claim.renew()  # still ours before anything is written
     metrics = version_metrics([(r.metrics, r.sample_count) for r in rows], outcome.metrics)
     private = rnd.dp_config is not None
     if private:
@@ -230,19 +264,18 @@ async def _aggregate_claimed(
     async def along_with(tx: Database, version: int) -> None:
         if state_object is not None:
             await tx.run(
-                "training.aggregate.upsert_server_state",
+                "training.aggregate.insert_server_state",
                 model_id=rnd.model_id,
-                strategy=strategy,
                 version=version,
+                parent_version=rnd.base_version,
+                strategy=strategy,
                 object_key=state_object.key,
                 sha256=state_object.sha256,
             )
-        if not await tx.run(
-            "training.aggregate.update_round_completed", round_id=rnd.id, version=version
-        ):
-            # Another call took the round over when this one's lease ran out, and finished
-            # first: this version must not exist beside that one (the transaction rolls back).
-            raise Conflict("the round was completed by another aggregation", state="completed")
+        # Guarded by the claim: a round cancelled meanwhile, or taken over after this
+        # aggregation's lease ran out, gets no version from it (the transaction rolls back
+        # and every object written above is deleted).
+        await claim.complete(tx, version)
 
     # The graphs are made on one worker thread while the weights are encoded on
     # another and written: their objects do not wait for the ONNX model.
@@ -278,7 +311,7 @@ async def _aggregate_claimed(
         await asyncio.gather(
             graphs, return_exceptions=True
         )  # never leave the thread's error unread
-        await storage.delete_quietly([state_object.key] if state_object else [])
+        await delete_unnamed(db, storage, [state_object.key] if state_object else [])
         raise
 
 

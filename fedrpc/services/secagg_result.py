@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -205,7 +206,11 @@ async def finish(
             s.id,
             found.wrong_holders,
         )
-    stored = await storage.put(f"secagg/{s.round_id}/{s.id}/mean.safetensors", data)
+    # A fresh key per write (a retried unmask after a crash writes again): the earlier
+    # object, named by no row, is the storage collector's to delete.
+    stored = await storage.put(
+        f"secagg/{s.round_id}/{s.id}/mean-{secrets.token_hex(6)}.safetensors", data
+    )
     await db.run(
         "training.secagg.update_session_completed",
         session_id=s.id,

@@ -9,6 +9,8 @@ not in is ``precondition_failed`` with ``data.stage``.
 
 from __future__ import annotations
 
+import secrets
+
 import msgspec
 
 from fedrpc.db import Database
@@ -251,10 +253,14 @@ async def masked_vectors(
     device that handed in its vector (neither bytes nor digest)."""
     stored = None
     if data is not None:
-        # Before the lock, so that no other call of the session waits for S3; the key is the
-        # content's, so a replay writes the same object. A refused call leaves it behind.
+        # Before the lock, so that no other call of the session waits for S3. A fresh key per
+        # write: an object is only ever named by the row written after it, so what a replay or
+        # a refused call leaves behind is an orphan the storage collector deletes, never an
+        # object a row already names (docs/design.md, storage lifecycle).
         stored = await storage.put(
-            f"secagg/{round_id}/{session_id}/vectors/{device_id}-{digest[:32]}", data
+            f"secagg/{round_id}/{session_id}/vectors/{device_id}-{digest[:32]}"
+            f"-{secrets.token_hex(6)}",
+            data,
         )
     async with db.transaction() as tx:
         v, target = await _stage_view(tx, storage, round_id, device_id, org_id, session_id)

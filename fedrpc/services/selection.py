@@ -14,7 +14,9 @@ ledger is recorded in the same transaction as the draw, before the draw is
 seen by anyone: a round cancelled after selection, or drawn empty, has been
 charged all the same, so selecting, looking and cancelling until a wanted
 device is drawn costs budget every time (docs/privacy.md, "Selection"). An
-empty draw fails the round; a new round is a new, charged draw.
+empty draw fails the round; a new round is a new, charged draw. The charge is
+priced in the app's math pool when given one (``pool``), so a (noise, rate)
+pair new to the process is not priced on the event loop.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fedrpc.errors import BadRequest, PreconditionFailed
 from fedrpc.fl.privacy import RoundCharge
 from fedrpc.fl.sampling import poisson_rate, poisson_select
 from fedrpc.fl.sampling import select_devices as sample
+from fedrpc.math_pool import MathPool
 from fedrpc.services.privacy_budget import charge_round
 from schemas.training import Criteria, Round
 
@@ -52,7 +55,12 @@ class Selection(msgspec.Struct, kw_only=True):
 
 
 async def select_for_round(
-    db: Database, round_id: str, org_ids: list[str], c: Criteria
+    db: Database,
+    round_id: str,
+    org_ids: list[str],
+    c: Criteria,
+    *,
+    pool: MathPool | None = None,
 ) -> Selection:
     """Select devices of ``org_ids`` meeting ``c`` for the pending round ``round_id``."""
     async with db.transaction() as tx:
@@ -80,7 +88,7 @@ async def select_for_round(
         if locked.dp_config is not None:
             selection = _poisson(eligible, locked, c, seed)
             charge = RoundCharge(locked.dp_config["noise_multiplier"], selection.sample_rate, 1)
-            await charge_round(tx, locked.federation_id, round_id, charge)
+            await charge_round(tx, locked.federation_id, round_id, charge, pool=pool)
         else:
             selection = _fixed_size(eligible, locked, c, seed)
         await tx.run(

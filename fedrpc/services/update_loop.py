@@ -13,7 +13,7 @@ import logging
 import secrets
 import tempfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -73,9 +73,12 @@ class RoundFailed(AppError):
 
 
 def read_updates(
-    storage: Storage, rows: list[UpdateRow], manifest
+    storage: Storage, rows: list[UpdateRow], manifest, checkpoint: Callable[[], None] = lambda: None
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Each update as a flat float32 vector with its sample count, in row order.
+
+    ``checkpoint`` is called before each update is fetched; whatever it raises
+    stops the loop (an aggregation that lost its round stops reading).
 
     The next few updates are fetched and checked on helper threads while the
     caller adds the current one: the loop waits on S3 and on sha256 far more
@@ -95,6 +98,7 @@ def read_updates(
         pending: deque[tuple[Future[np.ndarray], int]] = deque()
         try:
             for row in rows:
+                checkpoint()
                 pending.append((pool.submit(load, row), row.sample_count))
                 if len(pending) > depth:
                     future, samples = pending.popleft()
@@ -134,11 +138,16 @@ def compute(
     manifest,
     base_bytes: bytes,
     server_state: dict[str, np.ndarray],
+    *,
+    checkpoint: Callable[[], None] = lambda: None,
 ) -> tuple[Outcome, dict[str, np.ndarray]]:
-    """The aggregate and the new state dict; CPU and blocking I/O, so it runs in a worker thread."""
+    """The aggregate and the new state dict; CPU and blocking I/O, so it runs in a worker thread.
+
+    ``checkpoint`` is called before each update is read (see :func:`read_updates`).
+    """
     base_state = decode_state_dict(base_bytes, "safetensors", field="base weights")
     base = flatten(base_state, manifest)
-    updates = read_updates(storage, rows, manifest)
+    updates = read_updates(storage, rows, manifest, checkpoint)
     if strategy in ROBUST:
         with tempfile.TemporaryDirectory(prefix="fedrpc-agg-") as spill:
             sources = []

@@ -1,11 +1,16 @@
-"""A new version's objects, made in a worker thread, with ONNX templates kept between rounds.
+"""A new version's objects, with ONNX templates kept between rounds.
 
+The base version's program and ONNX graph came from an org admin, so the new
+version's graphs are made in the artifact sandbox
+(:mod:`fedrpc.services.artifact_sandbox`: a child process under memory and
+time limits), never in the server process; this module only passes bytes.
 Filling new values into the base version's ONNX graph takes milliseconds where
 a re-export takes about a second (:mod:`fedrpc.fl.reweight`). The graph of a
 base program never changes, so its template is kept in memory under the
 program's sha256: the first version made from a base whose own ONNX cannot
 take new values (an exporter folded its BatchNorm, say) pays one re-export,
-and the versions after it are filled. Templates hold names and shapes only.
+and the versions after it are filled. Templates hold names and shapes only;
+the server never parses them (the sandbox's child makes and fills them).
 """
 
 from __future__ import annotations
@@ -16,10 +21,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from fedrpc.fl.artifacts import export_version
-from fedrpc.fl.reweight import make_onnx_template
 from fedrpc.fl.tensor_codecs import encode_safetensors, encode_torch
 from fedrpc.fl.tensors import TensorSpec
+from fedrpc.services.artifact_sandbox import SANDBOX, SandboxLimits
 
 __all__ = ["TEMPLATES", "OnnxTemplates", "encode_weights", "export_graphs"]
 
@@ -63,19 +67,34 @@ def export_graphs(
     read_base_onnx: Callable[[], bytes],
     manifest: list[TensorSpec],
     new_state: dict[str, np.ndarray],
+    *,
+    limits: SandboxLimits | None = None,
 ) -> dict[str, bytes]:
     """The new version's ONNX model and program (blocking: run it in a worker thread).
 
     ``read_base_onnx`` is called only when no template of the base program is
-    kept yet.
+    kept yet. ``limits`` default to the app's settings
+    (:func:`fedrpc.services.artifact_sandbox.configure`).
+
+    Raises
+    ------
+    BadRequest
+        The base artifacts cannot make a new version within the sandbox's
+        limits, or the re-exported graph disagrees with the program
+        (``data.reason``); nothing of the new version exists yet.
     """
     template = TEMPLATES.get(program_sha256)
-    if template is None:
-        template = make_onnx_template(read_base_onnx(), manifest)
-    exported = export_version(program_bytes, new_state, onnx_template=template)
-    if exported.onnx_template is not None:
-        TEMPLATES.put(program_sha256, exported.onnx_template)
-    return {"onnx": exported.onnx, "program": exported.program}
+    made = SANDBOX.make_version(
+        program_bytes,
+        new_state,
+        manifest,
+        template=template,
+        base_onnx=read_base_onnx() if template is None else None,
+        limits=limits,
+    )
+    if made.onnx_template is not None:
+        TEMPLATES.put(program_sha256, made.onnx_template)
+    return {"onnx": made.onnx, "program": made.program}
 
 
 def encode_weights(new_state: dict[str, np.ndarray]) -> dict[str, bytes]:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fedrpc.db import Database, jsonb
+from fedrpc.services.storage_gc import delete_unnamed
 from fedrpc.storage import Storage, StoredObject
 from schemas.models.versions import ModelVersion
 
@@ -108,5 +109,5 @@ async def publish_version(
                 with_drafts=True,
             )
     except BaseException:
-        await storage.delete_quietly([obj.key for _, obj in stored])
+        await delete_unnamed(db, storage, [obj.key for _, obj in stored])
         raise

@@ -25,7 +25,7 @@ async def get(ctx: Context, p: GetParams) -> PrivacyState:
     """The budget, the epsilon spent so far (composed over every charged round) and what remains."""
     fed = await federation_for_member(ctx, p.federation_id)
     delta = fed.total_delta_budget or DEFAULT_DELTA
-    epsilon, rounds = await spent(ctx.db, fed.id, delta=delta)
+    epsilon, rounds = await spent(ctx.db, fed.id, delta=delta, pool=ctx.services.math_pool)
     has_budget = fed.total_epsilon_budget is not None
     return PrivacyState(
         federation_id=fed.id,
@@ -44,20 +44,36 @@ async def get(ctx: Context, p: GetParams) -> PrivacyState:
 
 @rpc_method(ORG)
 async def set_budget(ctx: Context, p: SetBudgetParams) -> PrivacyState:
-    """Set the budget (owner only); the history is kept, a budget below the spent epsilon exhausts it."""
+    """Set the budget (owner only); the history is kept, a budget below the spent epsilon exhausts it.
+
+    Without ``total_delta_budget`` the current delta is kept (1e-5 if there was no budget).
+    A new delta re-prices what was spent: the ledger keeps every round's (noise, rate,
+    steps), so the whole history is composed again at the new delta (a larger delta
+    gives a smaller epsilon for the same rounds, a smaller one a larger epsilon and
+    perhaps an exhausted budget); ledger rows keep the delta they were charged at.
+    """
     await federation_for_owner(ctx, p.federation_id)
     await ctx.db.run(
         "federations.privacy.update_budget",
         federation_id=p.federation_id,
         total_epsilon_budget=p.total_epsilon_budget,
         total_delta_budget=p.total_delta_budget,
+        default_delta=DEFAULT_DELTA,
     )
     return await get(ctx, GetParams(federation_id=p.federation_id))
 
 
 @rpc_method(ORG)
 async def estimate(ctx: Context, p: EstimateParams) -> Estimate:
-    """Price one more round against the budget without recording anything."""
+    """Price one more round against the budget without recording anything.
+
+    The math runs in the app's worker pool (docs/privacy.md, "Where the math runs"): past
+    ``FEDRPC_MATH_TIME_LIMIT_SECONDS`` the answer is ``bad_request`` with ``data.reason =
+    "too_expensive"`` (ask for less: the rdp accountant, fewer distinct pairs); with the pool's
+    queue full, ``rate_limited`` with ``data.reason = "math_pool_busy"`` (retry later). An
+    epsilon the accountant cannot bound (PLD below its truncated mass, about 1e-15) is
+    ``bad_request`` with ``data.path = "$.target_delta"``, never an infinite number.
+    """
     fed = await federation_for_member(ctx, p.federation_id)
     delta = p.target_delta or fed.total_delta_budget or DEFAULT_DELTA
     check = await price(
@@ -67,6 +83,7 @@ async def estimate(ctx: Context, p: EstimateParams) -> Estimate:
         delta=delta,
         epsilon_budget=fed.total_epsilon_budget,
         accountant=p.accountant,
+        pool=ctx.services.math_pool,
     )
     return Estimate(
         federation_id=fed.id,

@@ -9,13 +9,18 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-import numpy as np
-
 from fedrpc.context import Context
 from fedrpc.errors import NotFound
-from fedrpc.fl.artifacts import validate_bundle
-from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, encode_torch, manifest_to_json
+from fedrpc.fl.tensors import (
+    TensorSpec,
+    check_matches,
+    decode_state_dict,
+    encode_safetensors,
+    encode_torch,
+    manifest_to_json,
+)
 from fedrpc.registry import ORG, ORG_OR_DEVICE, rpc_method
+from fedrpc.services.artifact_sandbox import SANDBOX, SandboxLimits
 from fedrpc.services.payloads import payload_bytes
 from fedrpc.services.policy import (
     model_for_reading,
@@ -37,17 +42,12 @@ from schemas.models.versions import (
 )
 
 
-def _checked_artifacts(weights: bytes, encoding: str, onnx: bytes, program: bytes):
-    """Validate the bundle and store the weights in both encodings (runs in a worker thread)."""
-    info = validate_bundle(weights, encoding, onnx, program, np.random.default_rng())
+def _weights_objects(weights: bytes, encoding: str, manifest: list[TensorSpec]) -> dict:
+    """The weights in both encodings (runs in a worker thread), again checked against the
+    manifest the sandbox reported: its child handled untrusted bytes."""
     state = decode_state_dict(weights, encoding, field="weights")
-    artifacts = {
-        "safetensors": encode_safetensors(state),
-        "torch": encode_torch(state),
-        "onnx": onnx,
-        "program": program,
-    }
-    return info, artifacts
+    check_matches(state, manifest)
+    return {"safetensors": encode_safetensors(state), "torch": encode_torch(state)}
 
 
 @rpc_method(ORG)
@@ -56,18 +56,23 @@ async def create(ctx: Context, p: CreateParams) -> ModelVersion:
     await model_for_writing(ctx, p.model_id)
     payloads = {"weights": p.weights, "onnx": p.onnx, "program": p.program}
     async with payload_bytes(ctx, payloads, "model_artifact") as blobs:
-        info, artifacts = await asyncio.to_thread(
-            _checked_artifacts,
+        # Parsed and run in a child process under the settings' limits, never in the server.
+        info = await SANDBOX.check_bundle_async(
             blobs["weights"],
             p.weights_encoding,
             blobs["onnx"],
             blobs["program"],
+            SandboxLimits.from_settings(ctx.settings),
+            owner=ctx.org_id,
+        )
+        weights = await asyncio.to_thread(
+            _weights_objects, blobs["weights"], p.weights_encoding, info.manifest
         )
         return await publish_version(
             ctx.db,
             ctx.storage,
             p.model_id,
-            artifacts,
+            {**weights, "onnx": blobs["onnx"], "program": blobs["program"]},
             manifest=manifest_to_json(info.manifest),
             input_shape=list(info.input_shape),
             description=p.description,

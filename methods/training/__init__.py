@@ -99,7 +99,9 @@ async def select_devices(ctx: Context, p: SelectDevicesParams) -> SelectDevicesR
     org_ids = [rnd.org_id]
     if rnd.federation_id is not None:
         org_ids = await ctx.db.column("training.list_member_orgs", federation_id=rnd.federation_id)
-    chosen = await select_for_round(ctx.db, p.round_id, org_ids, p.criteria)
+    chosen = await select_for_round(
+        ctx.db, p.round_id, org_ids, p.criteria, pool=ctx.services.math_pool
+    )
     devices, participation = await _own_devices_and_counts(ctx, rnd)
     return SelectDevicesResult(
         round_id=p.round_id,
@@ -122,13 +124,16 @@ async def start_round(ctx: Context, p: StartRoundParams) -> RoundDetail:
 
 @rpc_method(ORG)
 async def cancel_round(ctx: Context, p: CancelRoundParams) -> RoundDetail:
-    """Cancel a round; devices are told to stop and its updates are never aggregated."""
+    """Cancel a round; devices are told to stop and its updates are never aggregated.
+
+    An aggregation in flight is discarded: it publishes no version and deletes what it wrote.
+    """
     await round_for_owner(ctx, p.round_id)
     await transition(
         ctx.db,
         "training.update_round_cancelled",
         p.round_id,
-        ("pending", "selected", "running"),
+        ("pending", "selected", "running", "aggregating"),
         reason=p.reason,
     )
     return await get_round(ctx, GetRoundParams(round_id=p.round_id))
@@ -138,7 +143,10 @@ async def cancel_round(ctx: Context, p: CancelRoundParams) -> RoundDetail:
 async def aggregate(ctx: Context, p: AggregateParams) -> ModelVersion:
     """Combine the round's updates with its strategy (or the one given) into the model's next version.
 
-    With publish=false the version is a draft until models.versions.publish.
+    With publish=false the version is a draft until models.versions.publish. The call claims
+    the round (running -> aggregating), which fixes its updates: a later upload is refused.
+    A round cancelled meanwhile, or taken over by another call after this one's lease ran
+    out, gets nothing from this call: `conflict` with `data.state`.
     """
     await round_for_owner(ctx, p.round_id)
     return await aggregate_round(
@@ -149,4 +157,5 @@ async def aggregate(ctx: Context, p: AggregateParams) -> ModelVersion:
         params=p.strategy.params if p.strategy else None,
         min_updates=p.min_updates,
         publish=p.publish,
+        lease_seconds=ctx.settings.aggregation_lease_seconds,
     )

@@ -36,6 +36,7 @@ from fedrpc.context import Context
 from fedrpc.registry import DEVICE, ORG, ORG_OR_DEVICE, rpc_method
 from fedrpc.services.payloads import payload_bytes
 from fedrpc.services.policy import device_for_reading, federation_for_member, model_for_reading
+from fedrpc.services.storage_gc import delete_unnamed
 from methods.training._personalized import (
     latest_manifest,
     require_federation,
@@ -79,7 +80,7 @@ async def update(ctx: Context, p: UpdateParams) -> UpdateResult:
         try:
             old, state = await write_state(ctx, p, stored)
         except BaseException:
-            await ctx.storage.delete_quietly([stored.key] if stored else [])
+            await delete_unnamed(ctx.db, ctx.storage, [stored.key] if stored else [])
             raise
     if old is not None and old.weights_key not in (None, state.weights_key):
         await ctx.storage.delete_quietly([old.weights_key])

@@ -23,7 +23,7 @@ import msgspec
 from fedrpc.auth import new_id
 from fedrpc.context import Context
 from fedrpc.db import constraint_message, jsonb
-from fedrpc.errors import BadRequest, PayloadTooLarge, PreconditionFailed
+from fedrpc.errors import BadRequest, Conflict, PayloadTooLarge, PreconditionFailed
 from fedrpc.fl.metrics import SERVER_PREFIXES, reserved_names
 from fedrpc.fl.tensors import (
     MAX_ABS_VALUE,
@@ -37,6 +37,7 @@ from fedrpc.fl.tensors import (
 from fedrpc.registry import DEVICE, rpc_method
 from fedrpc.services.payloads import payload_bytes
 from fedrpc.services.policy import check_round_device
+from fedrpc.services.storage_gc import delete_unnamed
 from schemas.training.weights import Update, UploadParams
 
 ROUND_DEVICE_KEY = "training_updates_round_device_key"
@@ -82,7 +83,11 @@ async def upload(ctx: Context, p: UploadParams) -> Update:
     whose organization is no longer an active member of the round's federation,
     `forbidden`; a model, version or update_format other than the round's
     `bad_request`; a round that is not running or whose deadline has passed
-    (by the database clock) `precondition_failed` with `data.state`.
+    (by the database clock) `precondition_failed` with `data.state`: an upload
+    racing `training.aggregate` either committed before the round was claimed
+    (and is in the new version) or is refused so (`data.state` "aggregating"
+    or later); if that aggregation gave the round back meanwhile, `conflict`
+    (upload again).
     What the device claims is bounded (the offer in `devices.sync` states the
     bounds): a `sample_count` above the round's `max_sample_count` is refused
     with `bad_request` (`data.field = "sample_count"`, `data.max_sample_count`),
@@ -216,7 +221,7 @@ async def _store(ctx: Context, p: UploadParams, data: bytes) -> Update:
     try:
         return await _insert(ctx, p, update_id, stored.key, stored.sha256, None, stored.size_bytes)
     except BaseException:
-        await ctx.storage.delete_quietly([stored.key])
+        await delete_unnamed(ctx.db, ctx.storage, [stored.key])
         raise
 
 
@@ -247,5 +252,14 @@ async def _insert(
         data=data,
     )
     if row is None:  # the round closed (or the deadline passed) while the bytes were checked
-        _refuse_closed(await _find_target(ctx, p))
+        target = await _find_target(ctx, p)
+        check_round_device(selected=target.selected, revoked=target.revoked, member=target.member)
+        if target.open:
+            # Closed for an aggregation that has given the round back since.
+            raise Conflict(
+                "the round was being aggregated when this update arrived and is open again; "
+                "upload it again",
+                state=target.state,
+            )
+        _refuse_closed(target)
     return row

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
+
+from msgspec import Meta
 
 from schemas._base import MutatingParams, Params, Result
 from schemas._types import (
@@ -46,7 +48,16 @@ class SetBudgetParams(MutatingParams, kw_only=True):
 
     federation_id: FederationId
     total_epsilon_budget: Epsilon
-    total_delta_budget: Delta = 1e-5
+    total_delta_budget: (
+        Annotated[
+            Delta,
+            Meta(
+                description="privacy failure probability delta; omitted, the federation's "
+                "current delta is kept (1e-5 if it had no budget)"
+            ),
+        ]
+        | None
+    ) = None
 
 
 class EstimateParams(Params, kw_only=True):

@@ -11,10 +11,10 @@ from schemas._types import (
     GroupId,
     Limit,
     ModelId,
-    NoiseMultiplier,
     Offset,
     Percent,
     RoundId,
+    RoundNoiseMultiplier,
     Version,
 )
 
@@ -58,7 +58,7 @@ class ClientConfig(Params, kw_only=True):
 class DpConfig(Params, kw_only=True):
     """Central differential privacy applied at aggregation."""
 
-    noise_multiplier: NoiseMultiplier
+    noise_multiplier: RoundNoiseMultiplier
     clipping_norm: Annotated[float, Meta(gt=0, le=1e6)]
 
 

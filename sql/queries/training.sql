@@ -117,10 +117,11 @@ SET state = 'running', started_at = now(), deadline_at = now() + make_interval(s
 WHERE id = %(round_id)s AND state IN ('pending', 'selected');
 
 -- name: update_round_cancelled
--- pending/selected/running -> cancelled.
+-- pending/selected/running/aggregating -> cancelled; an aggregation in flight loses its claim and publishes nothing.
 UPDATE training_rounds
-SET state = 'cancelled', cancel_reason = %(reason)s, finished_at = now(), updated_at = now()
-WHERE id = %(round_id)s AND state IN ('pending', 'selected', 'running');
+SET state = 'cancelled', cancel_reason = %(reason)s, finished_at = now(), aggregation_claim = NULL,
+    aggregation_lease_until = NULL, aggregation_started_at = NULL, next_aggregation_at = NULL, updated_at = now()
+WHERE id = %(round_id)s AND state IN ('pending', 'selected', 'running', 'aggregating');
 
 -- name: find_round_state
 -- The current state of a round.

@@ -55,6 +55,14 @@ def dp_accounting_pld(charges: list[RoundCharge], delta: float, h: float = 1e-4)
     return float(_compose(accountant, charges).get_epsilon(delta))
 
 
+def dp_accounting_pld_running(
+    charges: list[RoundCharge], delta: float, h: float = 1e-4
+) -> list[float]:
+    """dp-accounting's PLDAccountant epsilon after each of `charges`, composed in one accountant."""
+    accountant = dp_accounting.pld.PLDAccountant(value_discretization_interval=h)
+    return [float(_compose(accountant, [c]).get_epsilon(delta)) for c in charges]
+
+
 def exact_gaussian_epsilon(sigma: float, steps: int, delta: float) -> float:
     """Balle & Wang 2018: exact epsilon of `steps` unsampled Gaussian releases."""
     s = sigma / math.sqrt(steps)

@@ -1,7 +1,10 @@
 """Model-version validation and ONNX re-export.
 
 References: the test's own torch networks (``tests/kernels/nets.py``) run in
-eval mode, and onnxruntime / onnx.checker on the produced models.
+eval mode, and onnxruntime / onnx.checker on the produced models. Inputs are
+encoded with the safetensors and torch libraries, manifests are read off the
+networks' own state dicts, and programs are loaded with ``torch.export.load``:
+none of the package's encoders or manifests serves as an expectation.
 """
 
 from __future__ import annotations
@@ -14,16 +17,35 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import safetensors.numpy
 import torch
 from onnx import numpy_helper
 
 from fedrpc.fl import InvalidInput
 from fedrpc.fl.artifacts import export_version, validate_bundle
 from fedrpc.fl.reweight import make_onnx_template
-from fedrpc.fl.tensors import encode_safetensors, encode_torch, manifest_of
+from fedrpc.fl.tensors import TensorSpec
 from tests.kernels.nets import make_net, numpy_state, onnx_bytes, program_bytes
 
 KINDS = ["mlp", "convbn"]
+
+
+def encode_safetensors(state: dict[str, np.ndarray]) -> bytes:
+    return safetensors.numpy.save(state)
+
+
+def encode_torch(state: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({k: torch.from_numpy(v) for k, v in state.items()}, buffer)
+    return buffer.getvalue()
+
+
+def net_manifest(net: torch.nn.Module, **replace: tuple[int, ...]) -> list[TensorSpec]:
+    """The net's state dict as (name, shape, dtype), in its order; `replace` changes shapes."""
+    return [
+        TensorSpec(name, replace.get(name, tuple(t.shape)), str(t.dtype).removeprefix("torch."))
+        for name, t in net.state_dict().items()
+    ]
 
 
 class Bundle:
@@ -60,10 +82,27 @@ def test_good_bundle_is_accepted(bundles, kind, encoding):
 
     info = validate(state_bytes, b.onnx, b.program, encoding)
 
-    assert info.manifest == manifest_of(b.state)  # the net's own state_dict order
+    expected = [(n, tuple(t.shape), str(t.dtype)) for n, t in b.net.state_dict().items()]
+    assert [(s.name, s.shape, "torch." + s.dtype) for s in info.manifest] == expected
     assert info.input_shape == (None, *b.net.input_shape)
     assert info.onnx_input_name == "x"
-    assert 0 <= info.max_abs_diff <= 1e-4
+    # Float32 graphs of the same weights: a few float32 roundings of outputs of order 1.
+    assert 0 <= info.max_abs_diff <= 1e-5
+
+
+def test_the_reported_difference_is_the_onnx_models_own_offset(bundles):
+    # An ONNX model whose output bias is 3e-5 above the program's differs from it by 3e-5 on
+    # every output, whatever the input: within the tolerance, so accepted, and reported.
+    b = bundles["mlp"]
+    offset = 3e-5
+
+    def shift(model):
+        bias = next(t for t in model.graph.initializer if t.name == "fc2.bias")
+        bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + offset, bias.name))
+
+    info = validate(b.state_bytes, edit_onnx(b.onnx, shift), b.program)
+
+    assert info.max_abs_diff == pytest.approx(offset, abs=2e-6)
 
 
 def test_onnx_with_a_static_batch_is_accepted_and_reported(bundles):
@@ -226,11 +265,21 @@ def _reference_close(net: torch.nn.Module, onnx_data: bytes, batch: int, rng) ->
 
 
 def _assert_is_the_net(exported, new_net: torch.nn.Module) -> None:
-    """The ONNX model passes the checker and computes ``new_net``; the program is a valid bundle."""
+    """The ONNX model passes the checker and computes ``new_net``; the program holds its
+    weights, computes it, and makes a valid bundle with the ONNX model."""
     onnx.checker.check_model(onnx.load_model_from_string(exported.onnx), full_check=True)
     rng = np.random.default_rng(5)
     for batch in (5, 7):
         assert _reference_close(new_net, exported.onnx, batch, rng) <= 1e-4
+    module = torch.export.load(io.BytesIO(exported.program)).module()
+    want = new_net.state_dict()
+    got = module.state_dict()
+    assert list(got) == list(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    x = torch.from_numpy(rng.standard_normal((6, *new_net.input_shape)).astype(np.float32))
+    with torch.no_grad():
+        assert torch.allclose(module(x), new_net(x), rtol=1e-5, atol=1e-6)
     state_bytes = encode_safetensors(numpy_state(new_net))
     info = validate(state_bytes, exported.onnx, exported.program)  # a version is a bundle too
     assert info.input_shape == (None, *new_net.input_shape)
@@ -268,7 +317,7 @@ def test_an_uploaded_graph_that_keeps_its_tensors_is_a_template(bundles):
     b = bundles["mlp"]
     next_net = make_net("mlp", seed=3)
 
-    template = make_onnx_template(b.onnx, manifest_of(b.state))
+    template = make_onnx_template(b.onnx, net_manifest(b.net))
     exported = export_version(b.program, numpy_state(next_net), onnx_template=template)
 
     assert exported.route == "filled"
@@ -278,14 +327,13 @@ def test_an_uploaded_graph_that_keeps_its_tensors_is_a_template(bundles):
 def test_an_uploaded_graph_with_folded_batchnorm_is_no_template(bundles):
     b = bundles["convbn"]
 
-    assert make_onnx_template(b.onnx, manifest_of(b.state)) is None
+    assert make_onnx_template(b.onnx, net_manifest(b.net)) is None
 
 
 def test_a_template_with_a_tensor_of_another_shape_is_refused(bundles):
     b = bundles["mlp"]
-    state = dict(b.state, **{"fc2.bias": np.zeros(4, np.float32)})
 
-    assert make_onnx_template(b.onnx, manifest_of(state)) is None
+    assert make_onnx_template(b.onnx, net_manifest(b.net, **{"fc2.bias": (4,)})) is None
 
 
 def test_a_template_that_computes_with_a_stale_copy_falls_back_to_a_full_export(bundles):
@@ -301,7 +349,7 @@ def test_a_template_that_computes_with_a_stale_copy_falls_back_to_a_full_export(
             node.input[:] = ["fc1.weight.folded" if i == "fc1.weight" else i for i in node.input]
 
     folded = edit_onnx(b.onnx, compute_with_a_stale_copy)
-    template = make_onnx_template(folded, manifest_of(b.state))
+    template = make_onnx_template(folded, net_manifest(b.net))
     next_net = make_net("mlp", seed=3)
 
     exported = export_version(b.program, numpy_state(next_net), onnx_template=template)

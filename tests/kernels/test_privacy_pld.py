@@ -137,3 +137,12 @@ def test_bad_discretization_interval_is_refused(h: object) -> None:
 def test_bad_delta_is_refused(delta: float) -> None:
     with pytest.raises(InvalidInput, match="delta"):
         pld_epsilon([RoundCharge(1.0, 0.1, 1)], delta)
+
+
+@pytest.mark.parametrize("sigma", [1e-6, 9.9e-4])
+def test_noise_below_the_pld_floor_is_refused_not_overflowed(sigma):
+    # A round may run with such noise (no budget, an exactness test); its loss grid would
+    # overflow, so the PLD accountant says so and leaves it to RDP.
+    with pytest.raises(InvalidInput, match="RDP"):
+        pld_epsilon([RoundCharge(sigma, 0.5, 1), RoundCharge(1.0, 0.5, 10)], 1e-5)
+    assert math.isfinite(pld_epsilon([RoundCharge(1e-3, 1.0, 1)], 1e-5))

@@ -435,14 +435,17 @@ async def test_kinds_are_fixed_and_batches_bounded_and_idempotent(
     assert err["data"]["type"] == "bad_request" and err["data"]["index"] == 1
     too_many = [first] * 10_001
     err = await client.error("analytics.report", {"observations": too_many}, device["token"])
-    assert err["data"]["type"] == "bad_request"
+    assert err["data"]["type"] == "bad_request" and err["data"]["field"] == "observations"
+    assert "at most 10000 observations" in err["data"]["message"]
     # Infinity is no JSON number; 1e999 parses as one and is refused.
     body = (
         '{"jsonrpc":"2.0","id":1,"method":"analytics.report","params":{"observations":'
         '[{"variable":"x","value":1e999,"recorded_at":"' + when() + '"}]}}'
     )
     _, answer = await client.post(body.encode(), device["token"], raw=True)
+    assert answer["error"]["code"] == -32602, answer
     assert answer["error"]["data"]["type"] == "bad_request"
+    assert answer["error"]["data"]["path"] == "$.observations[0].value"
     keyed = {"observations": [first], "idempotency_key": "batch-7"}
     once = await client.ok("analytics.report", keyed, device["token"])
     again = await client.ok("analytics.report", keyed, device["token"])
@@ -454,7 +457,8 @@ async def test_kinds_are_fixed_and_batches_bounded_and_idempotent(
         {"observations": [first], "device_id": device["device_id"]},
         device["token"],
     )
-    assert err["data"]["type"] == "bad_request" and "device_id" in err["data"]["message"]
+    assert err["code"] == -32602 and err["data"]["type"] == "bad_request"
+    assert err["data"]["path"] == "$" and "device_id" in err["data"]["message"]
 
 
 async def test_overall_counts_a_device_in_two_groups_once(client, org, other_org):

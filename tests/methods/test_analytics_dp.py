@@ -115,7 +115,7 @@ async def test_dp_needs_a_fixed_set_of_groups_and_a_proper_range(client, org, ot
     assert err["data"]["type"] == "bad_request" and err["data"]["field"] == "group_ids"
     upside_down = ask(fed, dp={"epsilon": 1.0, "lower": 4.0, "upper": 0.0})
     err = await client.error("federations.analytics.descriptive", upside_down, org.token)
-    assert err["data"]["type"] == "bad_request"
+    assert err["data"]["type"] == "bad_request" and err["data"]["field"] == "dp"
     state = await client.ok("federations.privacy.get", {"federation_id": fed["id"]}, org.token)
     assert state["rounds_tracked"] == 0
 

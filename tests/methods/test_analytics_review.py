@@ -287,6 +287,8 @@ async def test_one_huge_value_from_a_hostile_device_breaks_every_members_questio
         hostile["token"],
     )
     assert refused["error"]["data"]["type"] == "bad_request"  # |value| <= 1e15
+    assert refused["error"]["code"] == -32602
+    assert refused["error"]["data"]["path"] == "$.observations[0].value"
     await report(
         client,
         hostile,
@@ -444,6 +446,7 @@ async def test_a_dp_range_too_wide_is_refused_before_the_charge(client, org, oth
     state = await client.ok("federations.privacy.get", {"federation_id": fed["id"]}, org.token)
     # Refused by the schema (|lower|, |upper| <= 1e15) before anything is charged or recorded.
     assert (err["data"]["type"], state["rounds_tracked"]) == ("bad_request", 0)
+    assert err["code"] == -32602 and err["data"]["path"] == "$.dp.lower"
 
 
 # --- Defences that hold (coverage) -------------------------------------------------------------
@@ -525,7 +528,8 @@ async def test_a_nul_in_a_category_is_a_bad_request(client, org, other_org):
         device["token"],
     )
 
-    assert err["data"]["type"] == "bad_request"
+    assert err["code"] == 4400 and err["data"]["type"] == "bad_request"
+    assert err["data"]["reason"] == "nul_character"
 
 
 async def test_a_non_member_and_a_device_cannot_ask_or_read(client, org, other_org, make_org):

@@ -239,7 +239,8 @@ async def test_discover_names_enrollment_keys_as_callers_of_register_only(client
 )
 async def test_create_refuses_bad_scopes_and_bounds(client, org, extra, path):
     error = await client.error("orgs.api_keys.create", {"name": "k", **extra}, org.token)
-    assert error["code"] == -32602 and error["data"]["path"] == path, error
+    assert error["code"] == -32602 and error["data"]["type"] == "bad_request", error
+    assert error["data"]["path"] == path, error
     assert (await client.ok("orgs.api_keys.list", {}, org.token))["total"] == 1
 
 

@@ -449,7 +449,8 @@ async def test_a_malformed_progress_key_is_invalid_params(client, org, mlp_model
         device["token"],
     )
     # msgspec words a bad dict key as "at `key` in `$.progress`": the path is the map's.
-    assert error["code"] == -32602 and error["data"]["path"] == "$.progress"
+    assert error["code"] == -32602 and error["data"]["type"] == "bad_request"
+    assert error["data"]["path"] == "$.progress"
 
 
 async def test_oversized_progress_metrics_and_errors_are_invalid_params(client, org, mlp_model):
@@ -483,7 +484,7 @@ async def test_a_nan_literal_is_a_parse_error(client, org, mlp_model):
         + "}"
     ).encode()
     _, answer = await client.post(raw, device["token"], raw=True)
-    assert answer["error"]["code"] == -32700
+    assert answer["error"]["code"] == -32700 and answer["error"]["data"]["type"] == "bad_request"
 
 
 # --- adapters ------------------------------------------------------------------------------------------------

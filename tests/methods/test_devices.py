@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -606,17 +607,30 @@ async def test_sync_changes_only_the_calling_device(client, org):
 async def test_sync_runs_a_single_query_and_no_transaction(client, org, monkeypatch):
     device = await register(client, org)
     seen: list[str] = []
+
+    def in_background() -> bool:
+        # The app's background jobs (storage collector, idempotency purge) share the
+        # Database and may run meanwhile, in their own task: only the call's statements count.
+        task = asyncio.current_task()
+        return task is not None and task.get_coro().__qualname__ == "run_periodically"
+
     for helper in ("get", "maybe", "all", "value", "run"):
         original = getattr(Database, helper)
 
         def counting(self, name, *args, _original=original, **kwargs):
-            seen.append(name)
+            if not in_background():
+                seen.append(name)
             return _original(self, name, *args, **kwargs)
 
         monkeypatch.setattr(Database, helper, counting)
-    monkeypatch.setattr(
-        Database, "transaction", lambda self: pytest.fail("sync opened a transaction")
-    )
+    transaction = Database.transaction
+
+    def no_transaction(self):
+        if not in_background():
+            pytest.fail("sync opened a transaction")
+        return transaction(self)
+
+    monkeypatch.setattr(Database, "transaction", no_transaction)
     await client.ok("devices.sync", {"battery_pct": 20, "state": {"k": "v"}}, device["token"])
     assert len([name for name in seen if not name.startswith("auth.")]) == 1
 
@@ -677,6 +691,7 @@ async def test_a_body_nested_past_the_decoders_limit_gets_a_jsonrpc_error(client
     )
     resp, answer = await client.post(body, device["token"], raw=True)
     assert resp.status == 200 and answer["error"]["code"] in (-32700, -32600, -32602)
+    assert answer["error"]["data"]["type"] == "bad_request", answer
 
 
 @pytest.mark.parametrize(

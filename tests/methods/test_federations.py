@@ -33,18 +33,30 @@ async def test_create_for_another_org_is_forbidden(client, org, other_org):
     assert error["data"]["type"] == "forbidden"
 
 
+def assert_invalid_params(error: dict, path: str) -> None:
+    assert error["code"] == -32602 and error["data"]["type"] == "bad_request", error
+    assert error["data"]["path"] == path, error
+
+
 @pytest.mark.parametrize(
-    "params",
+    ("params", "path"),
     [
-        {"org_id": "org_" + "0" * 32},
-        {"name": "", "org_id": "org_" + "0" * 32},
-        {"name": "n" * 129, "org_id": "org_" + "0" * 32},
-        {"name": "x", "org_id": "org_" + "0" * 32, "description": "d" * 513},
-        {"name": "x", "org_id": "org_" + "0" * 32, "privacy_policy": {"total_epsilon_budget": -1}},
+        ({"org_id": "org_" + "0" * 32}, "$"),
+        ({"name": "", "org_id": "org_" + "0" * 32}, "$.name"),
+        ({"name": "n" * 129, "org_id": "org_" + "0" * 32}, "$.name"),
+        ({"name": "x", "org_id": "org_" + "0" * 32, "description": "d" * 513}, "$.description"),
+        (
+            {
+                "name": "x",
+                "org_id": "org_" + "0" * 32,
+                "privacy_policy": {"total_epsilon_budget": -1},
+            },
+            "$.privacy_policy.total_epsilon_budget",
+        ),
     ],
 )
-async def test_create_validates_params(client, org, params):
-    assert (await client.error("federations.create", params, org.token))["code"] == -32602
+async def test_create_validates_params(client, org, params, path):
+    assert_invalid_params(await client.error("federations.create", params, org.token), path)
 
 
 async def test_invite_join_lifecycle(client, org, other_org, make_org, federation):
@@ -123,12 +135,13 @@ async def test_joining_for_another_org_is_forbidden(client, org, other_org, fede
 
 async def test_invite_validates_org_ids(client, org, federation):
     fed = federation["id"]
-    assert (
-        await client.error("federations.invite", {"federation_id": fed, "org_ids": []}, org.token)
-    )["code"] == -32602
-    assert (
-        await client.error("federations.invite", {"federation_id": fed, "org_ids": "x"}, org.token)
-    )["code"] == -32602
+    for org_ids in ([], "x"):
+        assert_invalid_params(
+            await client.error(
+                "federations.invite", {"federation_id": fed, "org_ids": org_ids}, org.token
+            ),
+            "$.org_ids",
+        )
     unknown = await client.error(
         "federations.invite", {"federation_id": fed, "org_ids": ["org_" + "1" * 32]}, org.token
     )

@@ -92,3 +92,12 @@ async def test_a_call_whose_claim_was_taken_over_cannot_overwrite_or_release_it(
         # The record is the retry's: a replay answers "fast", not the late call's result,
         # and the late call's failure did not delete it.
         assert await run_once(db, principal, "m", key, b"h", slow) == b'"fast"'
+
+
+async def test_a_key_with_a_nul_is_an_ordinary_key(client, org):
+    # Only its sha256 reaches Postgres, so a NUL in the key (which text columns cannot hold)
+    # needs no refusal: it replays like any other key.
+    params = {"name": "keyboard", "idempotency_key": "k\u0000"}
+    created = await client.ok("models.create", params, org.token)
+    assert await client.ok("models.create", params, org.token) == created
+    assert (await client.ok("models.list", {}, org.token))["total"] == 1

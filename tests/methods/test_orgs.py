@@ -53,11 +53,20 @@ async def test_revoking_an_unknown_key_is_not_found(client, org):
 
 
 async def test_key_params_are_validated(client, org):
-    for params in ({}, {"name": ""}, {"name": 5}, {"name": "x" * 129}, {"name": "a", "extra": 1}):
+    cases = [
+        ({}, "$"),  # name missing
+        ({"name": ""}, "$.name"),
+        ({"name": 5}, "$.name"),
+        ({"name": "x" * 129}, "$.name"),
+        ({"name": "a", "extra": 1}, "$"),  # an unknown field is the object's fault
+    ]
+    for params, path in cases:
         error = await client.error("orgs.api_keys.create", params, org.token)
-        assert error["code"] == -32602, params
+        assert error["code"] == -32602 and error["data"]["type"] == "bad_request", error
+        assert error["data"]["path"] == path, (params, error)
     error = await client.error("orgs.api_keys.revoke", {"key_id": "not-an-id"}, org.token)
-    assert error["code"] == -32602 and error["data"]["path"] == "$.key_id"
+    assert error["code"] == -32602 and error["data"]["type"] == "bad_request"
+    assert error["data"]["path"] == "$.key_id"
 
 
 async def test_idempotent_key_creation_replays_the_first_result(client, org):

@@ -150,7 +150,8 @@ async def test_torch_files_from_devices_are_refused(
         },
         device["token"],
     )
-    assert error["data"]["type"] == "bad_request"
+    assert error["code"] == 4400 and error["data"]["type"] == "bad_request"
+    assert "devices send safetensors" in error["data"]["message"]
     assert bucket_keys(settings, "personalized/") == []
 
 
@@ -221,6 +222,22 @@ async def test_bad_weights_are_refused_and_nothing_is_stored(
     }
     error = await client.error("training.personalized.update", cases[case], device["token"])
     assert error["data"]["type"] == "bad_request" and "Traceback" not in error["data"]["message"]
+    # Each refusal names the tensor or the field at fault.
+    names = {
+        "extra_tensor": "unexpected tensor 'fc1.bias'",
+        "missing_head_tensor": "missing tensor 'fc2.weight'",
+        "unknown_head_layer": "head_layers names tensors",
+        "wrong_shape": "shape of 'fc1.bias' is [17], expected [16]",
+        "wrong_dtype": "dtype of 'fc1.bias' is float64, expected float32",
+        "nan": "'fc1.bias' contains NaN or infinite values",
+        "inf": "'fc2.weight' contains NaN or infinite values",
+        "corrupt": "weights is not a valid safetensors file",
+        "torch_pickle_junk": "devices send safetensors",
+        "partial_ditto": "missing tensor 'fc1.weight'",
+    }
+    assert names[case] in error["data"]["message"], error
+    if case == "unknown_head_layer":
+        assert error["data"]["field"] == "head_layers"
     assert bucket_keys(settings) == before_keys and state_rows(settings) == before_rows
 
 
@@ -657,5 +674,5 @@ async def test_a_row_that_cannot_be_written_leaves_no_object_behind(
     error = await client.error(
         "training.personalized.update", params(mlp_model, shifted(base_state, 2.0)), device["token"]
     )
-    assert error["code"] == -32603
+    assert error["code"] == -32603 and error["data"]["type"] == "internal_error"
     assert bucket_keys(settings) == before_keys and state_rows(settings) == before_rows

@@ -210,6 +210,8 @@ async def test_only_the_owner_sets_the_budget(client, org, other_org, federation
         {"noise_multiplier": 0},
         {"noise_multiplier": -1},
         {"noise_multiplier": 1e999},
+        {"noise_multiplier": 1e-170},  # was a ZeroDivisionError (-32603) in the RDP kernel
+        {"noise_multiplier": 9.99e-4},  # below the floor: one step would cost ~5e5 epsilon
         {"sample_rate": 0},
         {"sample_rate": 1.5},
         {"num_steps": 0},
@@ -255,3 +257,124 @@ async def test_unknown_federation_and_non_members(client, org, other_org, federa
             method, {"federation_id": federation["id"], **extra}, other_org.token
         )
         assert error["data"]["type"] == "forbidden", method
+
+
+async def test_set_budget_without_delta_keeps_the_current_delta(client, org, federation):
+    fed = {"federation_id": federation["id"]}
+    await client.ok(
+        "federations.privacy.set_budget",
+        {**fed, "total_epsilon_budget": 6.0, "total_delta_budget": 1e-7},
+        org.token,
+    )
+
+    state = await client.ok(
+        "federations.privacy.set_budget", {**fed, "total_epsilon_budget": 4.0}, org.token
+    )
+
+    assert state["budget"] == {"total_epsilon_budget": 4.0, "total_delta_budget": 1e-7}
+    assert state["delta"] == 1e-7
+
+
+async def test_a_first_budget_without_delta_gets_the_default_delta(client, org):
+    fed = await client.ok("federations.create", {"name": "open", "org_id": org.id}, org.token)
+
+    state = await client.ok(
+        "federations.privacy.set_budget",
+        {"federation_id": fed["id"], "total_epsilon_budget": 3.0},
+        org.token,
+    )
+
+    assert state["budget"] == {"total_epsilon_budget": 3.0, "total_delta_budget": 1e-5}
+
+
+async def test_a_new_delta_after_spending_reprices_the_whole_history(client, org, federation):
+    db = client.app[SERVICES].db
+    rounds = [(1.0, 0.1, 30), (1.4, 0.05, 60)]
+    for i, (s, q, n) in enumerate(rounds):
+        await charge_round(db, federation["id"], f"rnd_{i:032x}", RoundCharge(s, q, n))
+
+    state = await client.ok(
+        "federations.privacy.set_budget",
+        {
+            "federation_id": federation["id"],
+            "total_epsilon_budget": 8.0,
+            "total_delta_budget": 1e-8,
+        },
+        org.token,
+    )
+
+    assert state["delta"] == 1e-8 and state["rounds_tracked"] == 2
+    assert state["current_epsilon_spent"] == pytest.approx(opacus_epsilon(rounds, 1e-8), rel=1e-6)
+    assert state["current_epsilon_spent"] > opacus_epsilon(rounds, 1e-5)
+    history = await client.ok(
+        "federations.privacy.history", {"federation_id": federation["id"]}, org.token
+    )
+    assert [row["delta"] for row in history["items"]] == [1e-5, 1e-5]  # as charged
+
+
+async def test_the_smallest_noise_multiplier_accepted_is_priced_as_opacus_prices_it(
+    client, org, federation
+):
+    params = {"federation_id": federation["id"], "noise_multiplier": 1e-3, "sample_rate": 0.5}
+
+    estimate = await client.ok("federations.privacy.estimate", params, org.token)
+
+    reference = opacus_epsilon([(1e-3, 0.5, 1)], 1e-5)
+    assert estimate["round_epsilon_cost"] == pytest.approx(reference, rel=1e-6)
+    assert estimate["round_epsilon_cost"] > 5e5 and estimate["would_exceed_budget"] is True
+
+
+async def test_a_dp_round_with_a_vanishing_noise_multiplier_is_refused(
+    client, org, federation, mlp_model
+):
+    params = {
+        "model_id": mlp_model["id"],
+        "base_version": 1,
+        "federation_id": federation["id"],
+        "target_device_count": 4,
+        "differential_privacy": {"noise_multiplier": 1e-170, "clipping_norm": 1.0},
+    }
+
+    error = await client.error("training.create_round", params, org.token)
+
+    assert error["data"]["type"] == "bad_request" and error["code"] == -32602
+    assert error["data"]["path"] == "$.differential_privacy.noise_multiplier"
+
+
+@pytest.mark.parametrize("target_delta", [1e-50, 1e-300])
+async def test_a_pld_estimate_it_cannot_bound_is_refused_naming_target_delta(
+    client, org, federation, target_delta
+):
+    params = {
+        "federation_id": federation["id"],
+        "noise_multiplier": 1.0,
+        "sample_rate": 0.01,
+        "target_delta": target_delta,
+    }
+
+    error = await client.error(
+        "federations.privacy.estimate", {**params, "accountant": "pld"}, org.token
+    )
+    rdp = await client.ok("federations.privacy.estimate", params, org.token)
+
+    assert error["data"]["type"] == "bad_request" and error["code"] == 4400
+    assert error["data"]["path"] == "$.target_delta"
+    assert error["data"]["reason"] == "unbounded_epsilon"
+    reference = opacus_epsilon([(1.0, 0.01, 1)], target_delta)
+    assert rdp["round_epsilon_cost"] == pytest.approx(reference, rel=1e-6)
+
+
+async def test_a_pld_estimate_at_the_budgets_tiny_delta_is_refused_not_null(
+    client, org, federation
+):
+    fed = {"federation_id": federation["id"]}
+    await client.ok(
+        "federations.privacy.set_budget",
+        {**fed, "total_epsilon_budget": 8.0, "total_delta_budget": 1e-60},
+        org.token,
+    )
+    params = {**fed, "noise_multiplier": 1.0, "sample_rate": 0.01, "accountant": "pld"}
+
+    error = await client.error("federations.privacy.estimate", params, org.token)
+
+    assert error["data"]["type"] == "bad_request" and error["data"]["path"] == "$.target_delta"

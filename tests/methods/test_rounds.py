@@ -317,6 +317,7 @@ async def test_state_machine(client, org, mlp_model):
         "pending",
         "selected",
         "running",
+        "aggregating",
     ]
     progress = await client.ok("training.get_round_progress", {"round_id": rnd["id"]}, org.token)
     assert progress["seconds_remaining"] is None

@@ -280,7 +280,7 @@ async def test_refusals_carry_stable_types(client, org, mlp_model, mlp_bundle, d
     assert err["data"]["type"] == "forbidden"
     same = {"round_id": rid, "pk1": d0.setup_params(rid)["pk1"], "pk2": d0.setup_params(rid)["pk1"]}
     err = await client.error("training.secagg.setup", same, c.tokens[0])
-    assert err["data"]["type"] == "bad_request"
+    assert err["data"]["type"] == "bad_request" and err["data"]["field"] == "pk2"
     first = await client.ok("training.secagg.setup", d0.setup_params(rid), c.tokens[0])
     # Another device advertising device 0's key.
     stolen = {
@@ -289,7 +289,7 @@ async def test_refusals_carry_stable_types(client, org, mlp_model, mlp_bundle, d
         "pk2": c.devices[1].setup_params(rid)["pk2"],
     }
     err = await client.error("training.secagg.setup", stolen, c.tokens[1])
-    assert err["data"]["type"] == "bad_request"
+    assert err["data"]["type"] == "bad_request" and err["data"]["field"] == "pk1"
     # Stage 1 before stage 0 closed: out of order.
     early = {"round_id": rid, "session_id": first["session_id"], "ciphertexts": []}
     err = await client.error("training.secagg.share_keys", early, c.tokens[0])
@@ -313,12 +313,12 @@ async def test_refusals_carry_stable_types(client, org, mlp_model, mlp_bundle, d
     # Another session's id.
     wrong = {**d0.share_keys_params(), "session_id": "sag_" + secrets.token_hex(16)}
     err = await client.error("training.secagg.share_keys", wrong, c.tokens[0])
-    assert err["data"]["type"] == "bad_request"
+    assert err["data"]["type"] == "bad_request" and err["data"]["field"] == "session_id"
     # One bundle short.
     short = d0.share_keys_params()
     short["ciphertexts"] = short["ciphertexts"][1:]
     err = await client.error("training.secagg.share_keys", short, c.tokens[0])
-    assert err["data"]["type"] == "bad_request"
+    assert err["data"]["type"] == "bad_request" and err["data"]["field"] == "ciphertexts"
     once = await client.ok("training.secagg.share_keys", d0.share_keys_params(), c.tokens[0])
     again = await client.ok("training.secagg.share_keys", d0.share_keys_params(), c.tokens[0])
     assert once == again and once["status"] == "waiting"
@@ -340,14 +340,14 @@ async def test_a_share_for_another_session_is_refused_and_never_both_is_refused_
         {**params, "session_id": "sag_" + secrets.token_hex(16)},
         c.tokens[0],
     )
-    assert err["data"]["type"] == "bad_request"
+    assert err["data"]["type"] == "bad_request" and err["data"]["field"] == "session_id"
     j = d0.survivors[0]
     with pytest.raises(InvalidInput, match="never both"):
         d0.unmask_params(survivors=[j], dropped=[j])
     # A share it was not asked for (a key share of a survivor).
     bogus = {**params, "shares": [{**params["shares"][0], "kind": "key"}]}
     err = await client.error("training.secagg.unmask", bogus, c.tokens[0])
-    assert err["data"]["type"] == "bad_request"
+    assert err["data"]["type"] == "bad_request" and err["data"]["field"] == "shares"
     first = await client.ok("training.secagg.unmask", params, c.tokens[0])
     assert first["status"] == "waiting"
     assert await client.ok("training.secagg.unmask", params, c.tokens[0]) == first

@@ -124,11 +124,11 @@ async def test_a_masked_vector_upload_is_checked_like_an_inline_one(
     err = await client.error(
         "training.secagg.masked_vectors", d1.masked_vectors_params(other["upload_id"]), c.tokens[1]
     )
-    assert err["data"]["type"] == "bad_request"
+    assert err["data"]["type"] == "bad_request" and err["data"]["field"] == "masked_vector"
     # Neither inline nor an upload.
     bare = {"round_id": rid, "session_id": d1.session_id}
     err = await client.error("training.secagg.masked_vectors", bare, c.tokens[1])
-    assert err["data"]["type"] == "bad_request"
+    assert err["data"]["type"] == "bad_request" and err["data"]["field"] == "masked_vector"
 
     once = await client.ok(
         "training.secagg.masked_vectors", d0.masked_vectors_params(mine), c.tokens[0]

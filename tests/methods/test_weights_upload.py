@@ -474,3 +474,36 @@ async def test_infinite_metric_is_invalid(client, rnd, devices):
     )
     _, answer = await client.post(body, devices[0]["token"], raw=True)
     assert answer["error"]["code"] == -32602 and answer["error"]["data"]["path"] == "$.metrics[...]"
+
+
+async def test_a_failure_after_the_row_committed_keeps_the_object_it_names(
+    client, org, settings, rnd, devices, monkeypatch
+):
+    # The row commits, then the answer is lost on the way back (a dropped connection). The
+    # cleanup of the failed call must not delete the object the committed row names, or the
+    # round's aggregation finds a stored update missing.
+    import methods.training.weights as weights
+
+    committed = weights._insert
+
+    async def insert_then_lose_the_reply(*args, **kwargs):
+        await committed(*args, **kwargs)
+        raise ConnectionResetError("the reply was lost")
+
+    monkeypatch.setattr(weights, "_insert", insert_then_lose_the_reply)
+    data = update_bytes(3)
+    error = await client.error(
+        "training.weights.upload", upload_params(rnd, data), devices[0]["token"]
+    )
+    assert error["code"] == -32603
+    monkeypatch.undo()
+
+    [key] = bucket_keys(settings)
+    assert bucket_object(settings, key) == data
+    await client.ok(
+        "training.weights.upload", upload_params(rnd, update_bytes(4)), devices[1]["token"]
+    )
+    version = await client.ok(
+        "training.aggregate", {"round_id": rnd["id"], "min_updates": 2}, org.token
+    )
+    assert version["num_updates"] == 2

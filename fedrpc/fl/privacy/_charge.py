@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fedrpc.fl._errors import InvalidInput
 
 __all__ = [
+    "NOISE_FLOOR",
     "RoundCharge",
     "check_delta",
     "check_noise",
@@ -22,6 +23,13 @@ __all__ = [
     "check_steps",
     "group_charges",
 ]
+
+
+#: The smallest noise multiplier the kernels price. Below about 1e-154, ``2 sigma**2``
+#: underflows and the RDP series divide by zero or turn NaN; 1e-100 leaves a margin, and a
+#: one-step RDP of ~5e199 per order still sums over 1e8 steps without overflow. The API
+#: asks for far more (``schemas._types.NoiseMultiplier``, >= 1e-3; docs/privacy.md).
+NOISE_FLOOR = 1e-100
 
 
 def _real(value: object, name: str) -> float:
@@ -32,10 +40,12 @@ def _real(value: object, name: str) -> float:
 
 
 def check_noise(value: object) -> float:
-    """Return ``value`` as a float if it is a finite noise multiplier > 0."""
+    """Return ``value`` as a float if it is a finite noise multiplier >= :data:`NOISE_FLOOR`."""
     sigma = _real(value, "noise_multiplier")
     if not math.isfinite(sigma) or sigma <= 0.0:
         raise InvalidInput("noise_multiplier must be a finite number greater than 0")
+    if sigma < NOISE_FLOOR:
+        raise InvalidInput(f"noise_multiplier must be at least {NOISE_FLOOR:g}")
     return sigma
 
 

@@ -99,9 +99,12 @@ def check_charge(
         alone = epsilon_from_rdp(step, delta)[0]
     else:
         options = {"value_discretization_interval": value_discretization_interval}
-        current = compose_epsilon(recorded, delta, accountant, **options)
-        projected = compose_epsilon([*recorded, charge], delta, accountant, **options)
         alone = compose_epsilon([charge], delta, accountant, **options)
+        if recorded:
+            current = compose_epsilon(recorded, delta, accountant, **options)
+            projected = compose_epsilon([*recorded, charge], delta, accountant, **options)
+        else:  # nothing recorded: the new charge is the whole history (one FFT, not two)
+            current, projected = 0.0, alone
     budget = float(epsilon_budget)
     return BudgetCheck(
         current_epsilon=current,

@@ -44,6 +44,10 @@ _MAX_GRID = 1 << 22  # above this, the grid is coarsened (still an upper bound)
 _CHERNOFF_T = np.geomspace(0.5, 32.0, 7)  # tilts, in units of 1 / std of the sum
 
 
+# Below this the privacy loss grid of one step overflows (near 1e-5): docs/privacy.md.
+PLD_NOISE_FLOOR = 1e-3
+
+
 def _gaussian_delta(eps: np.ndarray, sigma: float) -> np.ndarray:
     """Hockey-stick divergence of N(1, s^2) against N(0, s^2) (Balle & Wang 2018)."""
     half = 0.5 / sigma
@@ -259,6 +263,13 @@ def pld_epsilon(
     groups = group_charges(charges)
     if not groups:
         return 0.0
+    if min(sigma for sigma, _ in groups) < PLD_NOISE_FLOOR:
+        # Rounds may run with less noise (an exactness test, a federation without a budget),
+        # but the loss grid of such a step overflows: the RDP accountant prices it.
+        raise InvalidInput(
+            f"the PLD accountant prices noise multipliers of at least {PLD_NOISE_FLOOR:g}; "
+            "this history has a smaller one: use the RDP accountant"
+        )
     h = float(h)
     directions = (False, True) if any(q < 1.0 for _, q in groups) else (False,)
     for _ in range(8):

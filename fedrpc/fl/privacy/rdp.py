@@ -18,7 +18,9 @@ bound, so nothing here does it.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
 
 import numpy as np
 from scipy import special
@@ -26,7 +28,16 @@ from scipy import special
 from fedrpc.fl._errors import InvalidInput
 from fedrpc.fl.privacy._charge import check_delta, check_noise, check_rate, check_steps
 
-__all__ = ["ORDERS", "clear_cache", "epsilon_from_rdp", "one_step_rdp", "rdp_curve"]
+__all__ = [
+    "ORDERS",
+    "clear_cache",
+    "curves_of",
+    "epsilon_from_rdp",
+    "one_step_rdp",
+    "rdp_curve",
+    "remember_curves",
+    "uncached_pairs",
+]
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -148,8 +159,7 @@ def _log_a_fractional(sigma: float, q: float) -> np.ndarray:
     return scale + np.log(result)
 
 
-@lru_cache(maxsize=1024)
-def _one_step(sigma: float, q: float) -> np.ndarray:
+def _compute_one_step(sigma: float, q: float) -> np.ndarray:
     if q == 1.0:
         return _readonly(ORDERS / (2.0 * sigma * sigma))
     log_a = np.empty_like(ORDERS)
@@ -157,6 +167,68 @@ def _one_step(sigma: float, q: float) -> np.ndarray:
     log_a[~_IS_INT] = _log_a_fractional(sigma, q)
     # A_alpha >= 1 (a Rényi divergence is non-negative); clip rounding noise.
     return _readonly(np.maximum(log_a + _ROUNDING_MARGIN, 0.0) / (ORDERS - 1.0))
+
+
+# One-step curves by (sigma, q), least recently used first. Filled by _one_step, or by
+# remember_curves with curves computed elsewhere (a server's worker process).
+_CACHE_SIZE = 1024
+_cache: OrderedDict[tuple[float, float], np.ndarray] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _store(key: tuple[float, float], curve: np.ndarray) -> None:
+    with _cache_lock:
+        _cache[key] = curve
+        _cache.move_to_end(key)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+
+
+def _one_step(sigma: float, q: float) -> np.ndarray:
+    if q == 1.0:  # a closed form: cheaper than the cache, and kept out of it
+        return _compute_one_step(sigma, q)
+    key = (sigma, q)
+    with _cache_lock:
+        curve = _cache.get(key)
+        if curve is not None:
+            _cache.move_to_end(key)
+            return curve
+    curve = _compute_one_step(sigma, q)
+    _store(key, curve)
+    return curve
+
+
+def uncached_pairs(pairs: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (noise_multiplier, sample_rate) pairs whose one-step curve would be computed.
+
+    A cached pair, or one with ``sample_rate == 1`` (a closed form), costs
+    microseconds; any other pair costs up to tens of milliseconds, which a
+    server computes off its event loop (``fedrpc.math_pool``).
+    """
+    with _cache_lock:
+        return [(s, q) for s, q in pairs if q != 1.0 and (s, q) not in _cache]
+
+
+def curves_of(pairs: Iterable[tuple[float, float]]) -> dict[tuple[float, float], np.ndarray]:
+    """The one-step curves of ``pairs`` (computed and cached where missing), by pair."""
+    return {(s, q): one_step_rdp(s, q) for s, q in pairs}
+
+
+def remember_curves(curves: dict[tuple[float, float], np.ndarray]) -> None:
+    """Cache one-step curves computed elsewhere by :func:`curves_of` (another process).
+
+    Raises
+    ------
+    InvalidInput
+        If a key is not a valid (noise_multiplier, sample_rate) pair or a curve
+        does not hold one non-negative number per order.
+    """
+    for (sigma, q), curve in curves.items():
+        key = (check_noise(sigma), check_rate(q))
+        c = np.array(curve, dtype=float)
+        if c.shape != ORDERS.shape or not (c >= 0).all():
+            raise InvalidInput(f"a one-step curve must hold {ORDERS.size} non-negative values")
+        _store(key, _readonly(c))
 
 
 def one_step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
@@ -179,7 +251,8 @@ def one_step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
 
 def clear_cache() -> None:
     """Forget the cached one-step curves (for benchmarks and tests)."""
-    _one_step.cache_clear()
+    with _cache_lock:
+        _cache.clear()
 
 
 def rdp_curve(noise_multiplier: float, sample_rate: float, num_steps: int) -> np.ndarray:

@@ -7,6 +7,7 @@ fedrpc/services/analytics_questions.py and analytics_answers.py (docs/analytics.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from fedrpc.context import Context
@@ -35,25 +36,30 @@ async def _ask(ctx: Context, p: Any, query_type: str, answer: Any) -> Any:
     )
 
 
+def _priced(ctx: Context, answer: Any) -> Any:
+    """``answer`` with a dp question's charge priced in the app's math pool."""
+    return partial(answer, pool=ctx.services.math_pool)
+
+
 @rpc_method(ORG)
 async def descriptive(ctx: Context, p: DescriptiveParams) -> DescriptiveResult:
     """Per group and overall: count, mean, std_dev, missing, and order statistics (min, max,
     median, percentiles, histogram) of other organizations' devices where the federation
     allows them; groups below the privacy floor are suppressed."""
-    return await _ask(ctx, p, "descriptive", answers.descriptive)
+    return await _ask(ctx, p, "descriptive", _priced(ctx, answers.descriptive))
 
 
 @rpc_method(ORG)
 async def t_test(ctx: Context, p: TTestParams) -> TTestResult:
     """Welch's (or Student's) t-test of mean(group_a) - mean(group_b) with its confidence
     interval and Cohen's d; a group below the privacy floor is `precondition_failed`."""
-    return await _ask(ctx, p, "t_test", answers.t_test)
+    return await _ask(ctx, p, "t_test", _priced(ctx, answers.t_test))
 
 
 @rpc_method(ORG)
 async def anova(ctx: Context, p: AnovaParams) -> AnovaResult:
     """One-way ANOVA across the shown groups with eta squared and Tukey-Kramer HSD pairs."""
-    return await _ask(ctx, p, "anova", answers.anova)
+    return await _ask(ctx, p, "anova", _priced(ctx, answers.anova))
 
 
 @rpc_method(ORG)

@@ -4,16 +4,19 @@ SELECT id, total_epsilon_budget, total_delta_budget FROM federations
 WHERE id = %(federation_id)s FOR UPDATE;
 
 -- name: update_budget
--- Set the budget; the ledger is never touched.
+-- Set the budget; a null delta keeps the current one (or the default); the ledger is never touched.
 UPDATE federations
-SET total_epsilon_budget = %(total_epsilon_budget)s, total_delta_budget = %(total_delta_budget)s,
+SET total_epsilon_budget = %(total_epsilon_budget)s,
+    total_delta_budget = COALESCE(%(total_delta_budget)s, total_delta_budget, %(default_delta)s),
     updated_at = now()
 WHERE id = %(federation_id)s;
 
 -- name: list_charges
--- Every charged round of a federation, oldest first (the accountant composes them all).
-SELECT noise_multiplier, sample_rate, num_steps FROM privacy_ledger
-WHERE federation_id = %(federation_id)s ORDER BY id;
+-- A federation's charged steps per (noise, rate) pair, first charged first, and their rounds.
+-- Steps of equal pairs compose as one self-composition, so the accountant gets one row per pair.
+SELECT noise_multiplier, sample_rate, sum(num_steps) AS num_steps, count(*) AS rounds
+FROM privacy_ledger WHERE federation_id = %(federation_id)s
+GROUP BY noise_multiplier, sample_rate ORDER BY min(id);
 
 -- name: insert_charge
 -- Record a charged round with its own cost and the composed epsilon after it.
