@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import astuple, dataclass
+from datetime import datetime
 
 import msgspec
 
@@ -57,6 +58,11 @@ PREFIXES = ("models/", "personalized/", "secagg/", "updates/", "uploads/")
 LEASE_SECONDS = 300
 # Ended rounds whose updates one pass purges (at most storage_gc_batch updates in all).
 ROUNDS_PER_PASS = 10
+
+
+class _SweepLease(msgspec.Struct):
+    after: str
+    leased_until: datetime
 
 
 class _Purged(msgspec.Struct):
@@ -111,7 +117,13 @@ async def collect(
         max_rounds=ROUNDS_PER_PASS,
         limit=batch,
     )
-    orphans = await sweep_orphans(db, storage, batch, settings.storage_gc_grace_seconds)
+    try:
+        orphans = await sweep_orphans(db, storage, batch, settings.storage_gc_grace_seconds)
+    except Exception:
+        # Listing the bucket may fail (storage down, credentials without ListBucket): the
+        # objects already doomed are still deleted.
+        log.warning("the orphan sweep failed; doomed objects are still deleted", exc_info=True)
+        orphans = 0
     deleted = await delete_doomed(db, storage, batch)
     done = Collected(uploads, purged.updates, purged.vectors, orphans, deleted)
     if done != Collected():
@@ -128,10 +140,10 @@ async def sweep_orphans(db: Database, storage: Storage, batch: int, grace_second
 
     Nothing happens while another process holds the sweep; a process that fails
     mid-batch leaves its lease to run out and the batch is listed again."""
-    after = await db.value("storage_gc.claim_sweep", lease_seconds=LEASE_SECONDS)
-    if after is None:
+    lease = await db.maybe("storage_gc.claim_sweep", _SweepLease, lease_seconds=LEASE_SECONDS)
+    if lease is None:
         return 0
-    listed = await storage.list_after(after, batch)
+    listed = await storage.list_after(lease.after, batch)
     ours = [o for o in listed if o.key.startswith(PREFIXES)]
     found = 0
     if ours:
@@ -142,18 +154,25 @@ async def sweep_orphans(db: Database, storage: Storage, batch: int, grace_second
             grace_seconds=grace_seconds,
         )
     # A short batch was the end of the bucket: the next one starts over.
-    await db.run("storage_gc.update_sweep", after=listed[-1].key if len(listed) == batch else "")
+    after = listed[-1].key if len(listed) == batch else ""
+    if not await db.run("storage_gc.update_sweep", after=after, leased_until=lease.leased_until):
+        log.warning("the orphan sweep's lease ran out before its batch was done")
     return found
 
 
 async def delete_doomed(db: Database, storage: Storage, batch: int) -> int:
     """Delete up to ``batch`` due doomed objects; how many are gone. A key S3 refused stays
-    doomed and is taken up again once this process's lease ran out."""
+    doomed and is taken up again once this process's lease ran out; when S3 could not be
+    reached at all, the keys are given back at once for the next pass."""
     keys = await db.column(
         "storage_gc.claim_doomed_objects", limit=batch, lease_seconds=LEASE_SECONDS
     )
     if not keys:
         return 0
-    deleted = await storage.delete_many(keys)
+    try:
+        deleted = await storage.delete_many(keys)
+    except Exception:
+        await db.run("storage_gc.release_doomed_objects", keys=keys)
+        raise
     await db.run("storage_gc.delete_doomed_objects", keys=deleted)
     return len(deleted)

@@ -71,12 +71,13 @@ SELECT (SELECT count(*) FROM purged) AS updates,
 -- Take the orphan sweep for lease_seconds unless another process holds it; where it goes on from.
 UPDATE storage_sweep SET leased_until = now() + make_interval(secs => %(lease_seconds)s)
 WHERE leased_until IS NULL OR leased_until < now()
-RETURNING after;
+RETURNING after, leased_until;
 
 -- name: update_sweep
--- Where the next sweep batch starts ('' starts over), and the lease given back.
+-- Where the next sweep batch starts ('' starts over), and the lease given back; only by the holder of this lease (leased_until is its token), so a process whose lease ran out cannot reset its successor's.
 UPDATE storage_sweep
-SET after = %(after)s, leased_until = NULL, rounds = rounds + (%(after)s = '')::int;
+SET after = %(after)s, leased_until = NULL, rounds = rounds + (%(after)s = '')::int
+WHERE leased_until = %(leased_until)s;
 
 -- name: insert_orphans
 -- Record the listed objects that no row names and that were last written before the grace period, to delete once it passed again.
@@ -123,3 +124,7 @@ DELETE FROM doomed_objects WHERE object_key = ANY(%(keys)s::text[]);
 SELECT listed.key FROM unnest(%(keys)s::text[]) AS listed (key)
 JOIN LATERAL (SELECT true AS named FROM stored_object_refs AS r
               WHERE r.object_key = listed.key LIMIT 1) AS ref ON true;
+
+-- name: release_doomed_objects
+-- Give back keys this process could not delete (storage unreachable), for the next pass.
+UPDATE doomed_objects SET claimed_until = NULL WHERE object_key = ANY(%(keys)s::text[]);
