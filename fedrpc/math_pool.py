@@ -108,6 +108,10 @@ class MathPool:
         # a crowd of heavy estimates must not refuse the quick pricing a DP round's selection
         # or an analytics charge waits for.
         self._admitted = {True: 0, False: 0}
+        # Heavy jobs one owner (an organization) may have admitted at once: a quarter of the
+        # lane, so one tenant's crowd of estimates leaves room for the others'.
+        self.per_owner = max(1, (workers + queue) // 4)
+        self._by_owner: collections.Counter[str] = collections.Counter()
         self._waiting: dict[bool, collections.deque[asyncio.Future]] = {
             True: collections.deque(),  # quick
             False: collections.deque(),  # heavy
@@ -127,13 +131,16 @@ class MathPool:
 
     # -- the one public call ------------------------------------------------------------------
 
-    async def run(self, fn: Callable[..., T], /, *args: Any, quick: bool = False) -> T:
+    async def run(
+        self, fn: Callable[..., T], /, *args: Any, quick: bool = False, owner: str | None = None
+    ) -> T:
         """``fn(*args)`` in a worker process; ``fn`` and its arguments must pickle.
 
         Raises
         ------
         RateLimited
-            ``workers + queue`` jobs of this lane are already admitted (retry later).
+            ``workers + queue`` jobs of this lane, or ``per_owner`` heavy jobs of this
+            ``owner``, are already admitted (retry later).
         BadRequest
             The job ran longer than ``time_limit`` (``data.reason = "too_expensive"``).
         InternalError
@@ -141,13 +148,18 @@ class MathPool:
         """
         if self._closed:
             raise InternalError("the server is shutting down")
-        if self._admitted[quick] >= self.workers + self.queue:
+        owner = None if quick else owner
+        if self._admitted[quick] >= self.workers + self.queue or (
+            owner is not None and self._by_owner[owner] >= self.per_owner
+        ):
             raise RateLimited(
                 "the server is busy with other heavy computations; retry later",
                 retry_after=max(1, math.ceil(self.time_limit / 4)),
                 reason="math_pool_busy",
             )
         self._admitted[quick] += 1
+        if owner is not None:
+            self._by_owner[owner] += 1
         try:
             await self._acquire(quick)
             try:
@@ -156,6 +168,10 @@ class MathPool:
                 self._release(quick)
         finally:
             self._admitted[quick] -= 1
+            if owner is not None:
+                self._by_owner[owner] -= 1
+                if not self._by_owner[owner]:
+                    del self._by_owner[owner]
 
     async def _run_started(self, fn: Callable[..., T], args: tuple, quick: bool) -> T:
         for attempt in (0, 1):

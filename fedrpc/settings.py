@@ -90,13 +90,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # running longer than the limit is refused as too_expensive (docs/privacy.md).
     math_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
     math_queue: Annotated[int, msgspec.Meta(ge=0)] = 32
-    math_time_limit_seconds: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    math_time_limit_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     # Org-supplied ONNX graphs and torch.export programs are parsed and run only in a sandbox
     # child process (docs/model-artifacts.md, "The sandbox"): the memory (address space) a check
     # or export may add, its wall-clock and CPU seconds, how many run at once, and the most
     # elements a model's declared input may have (a dynamic batch dimension counts as 1).
     artifact_check_memory_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024 * 1024)] = 4 * 1024**3
-    artifact_check_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
+    # At most 5 minutes, as the math pool's limit: a call must end well inside the ten
+    # minutes after which its idempotency claim may be taken over (fedrpc/idempotency.py).
+    artifact_check_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 60.0
     artifact_check_concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
     artifact_max_input_elements: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
     db_pool_min: int = 2

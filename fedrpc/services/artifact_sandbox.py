@@ -260,13 +260,15 @@ class ArtifactSandbox:
         template: bytes | None,
         base_onnx: bytes | None,
         limits: SandboxLimits | None = None,
+        owner: str | None = None,
     ) -> MadeVersion:
         """:func:`fedrpc.fl.artifacts.export_version`, in a child (blocking).
 
         Without a ``template``, the child makes one from ``base_onnx`` when it
         can. A re-export that disagrees with its program is a ``BadRequest``
         too (``data.reason = "export_failed"``): the same program would fail
-        again.
+        again. ``owner`` (the round's organization) holds at most all but one slot, as
+        for checks: one tenant's slow exports cannot stall every other tenant's.
         """
         limits = limits or self.limits
         job = Job("export", limits.max_input_elements, manifest=manifest_to_json(manifest))
@@ -277,7 +279,7 @@ class ArtifactSandbox:
             inputs["base.onnx"] = base_onnx
         prefix = "the new version's ONNX model and program could not be made: "
         outputs = (worker.ONNX_OUT, worker.PROGRAM_OUT, worker.TEMPLATE_OUT)
-        verdict, files = self._run(job, inputs, outputs, limits, prefix=prefix)
+        verdict, files = self._run(job, inputs, outputs, limits, prefix=prefix, owner=owner)
         if worker.ONNX_OUT not in files or worker.PROGRAM_OUT not in files:
             raise _refusal("check_failed", "", limits, prefix)
         return MadeVersion(

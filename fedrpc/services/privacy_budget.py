@@ -84,8 +84,11 @@ async def price(
     epsilon_budget: float | None,
     accountant: str = "rdp",
     pool: MathPool | None = None,
+    owner: str | None = None,
 ) -> BudgetCheck:
     """What charging ``charge`` would do, given the recorded history; records nothing.
+
+    ``owner`` (the asking organization) is charged a share of the pool's heavy lane.
 
     Raises
     ------
@@ -100,7 +103,7 @@ async def price(
     job = partial(
         price_job, recorded, charge, epsilon_budget=budget, delta=delta, accountant=accountant
     )
-    check = await _account(pool, accountant, [*recorded, charge], job)
+    check = await _account(pool, accountant, [*recorded, charge], job, owner)
     epsilons = (check.current_epsilon, check.projected_epsilon, check.round_epsilon)
     if not all(math.isfinite(e) for e in epsilons):
         raise BadRequest(
@@ -118,6 +121,7 @@ async def _account(
     accountant: str,
     charges: Sequence[RoundCharge],
     job: Callable[..., tuple[Any, dict]],
+    owner: str | None = None,
 ) -> Any:
     """``job``'s answer: inline when it costs microseconds, else in ``pool`` (see the module doc)."""
     pairs = list(dict.fromkeys((c.noise_multiplier, c.sample_rate) for c in charges))
@@ -130,7 +134,7 @@ async def _account(
         return answer
     if pool is None:
         return (await asyncio.to_thread(job))[0]
-    return (await pool.run(job))[0]
+    return (await pool.run(job, owner=owner))[0]
 
 
 async def charge_round(

@@ -287,6 +287,7 @@ async def _aggregate_claimed(
             functools.partial(storage.get_blocking, base.onnx_key),
             manifest,
             new_state,
+            owner=rnd.org_id,
         )
     )
     try:

@@ -211,7 +211,7 @@ async def finish(
     stored = await storage.put(
         f"secagg/{s.round_id}/{s.id}/mean-{secrets.token_hex(6)}.safetensors", data
     )
-    await db.run(
+    completed = await db.run(
         "training.secagg.update_session_completed",
         session_id=s.id,
         result_key=stored.key,
@@ -219,6 +219,11 @@ async def finish(
         total_weight=weight,
         survivors=len(vectors),
     )
+    if not completed:
+        # Another call completed (or failed) the session first: its result stands, and the
+        # object written here is named by no row.
+        await storage.delete_quietly([stored.key])
+        return None
     await db.run("training.secagg.update_round_due_now", round_id=s.round_id)
     return None
 

@@ -69,12 +69,14 @@ def export_graphs(
     new_state: dict[str, np.ndarray],
     *,
     limits: SandboxLimits | None = None,
+    owner: str | None = None,
 ) -> dict[str, bytes]:
     """The new version's ONNX model and program (blocking: run it in a worker thread).
 
     ``read_base_onnx`` is called only when no template of the base program is
     kept yet. ``limits`` default to the app's settings
-    (:func:`fedrpc.services.artifact_sandbox.configure`).
+    (:func:`fedrpc.services.artifact_sandbox.configure`); ``owner`` is the organization
+    whose share of the sandbox's slots the job takes.
 
     Raises
     ------
@@ -91,6 +93,7 @@ def export_graphs(
         template=template,
         base_onnx=read_base_onnx() if template is None else None,
         limits=limits,
+        owner=owner,
     )
     if made.onnx_template is not None:
         TEMPLATES.put(program_sha256, made.onnx_template)

@@ -70,7 +70,8 @@ async def estimate(ctx: Context, p: EstimateParams) -> Estimate:
     The math runs in the app's worker pool (docs/privacy.md, "Where the math runs"): past
     ``FEDRPC_MATH_TIME_LIMIT_SECONDS`` the answer is ``bad_request`` with ``data.reason =
     "too_expensive"`` (ask for less: the rdp accountant, fewer distinct pairs); with the pool's
-    queue full, ``rate_limited`` with ``data.reason = "math_pool_busy"`` (retry later). An
+    queue full, or this organization's share of it taken, ``rate_limited`` with
+    ``data.reason = "math_pool_busy"`` (retry later). An
     epsilon the accountant cannot bound (PLD below its truncated mass, about 1e-15) is
     ``bad_request`` with ``data.path = "$.target_delta"``, never an infinite number.
     """
@@ -84,6 +85,7 @@ async def estimate(ctx: Context, p: EstimateParams) -> Estimate:
         epsilon_budget=fed.total_epsilon_budget,
         accountant=p.accountant,
         pool=ctx.services.math_pool,
+        owner=ctx.org_id,
     )
     return Estimate(
         federation_id=fed.id,

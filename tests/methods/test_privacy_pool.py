@@ -195,6 +195,23 @@ async def test_a_job_beyond_the_queue_bound_is_refused_at_once_and_retryable():
         await pool.close()
 
 
+async def test_one_owner_holds_at_most_its_share_of_the_heavy_lane():
+    pool = MathPool(workers=1, queue=7, time_limit=5.0)  # a share of (1 + 7) // 4 = 2
+    try:
+        await pool.run(time.sleep, 0)  # started: no worker start-up in what follows
+        mine = [asyncio.ensure_future(pool.run(time.sleep, 0.3, owner="org_a")) for _ in range(2)]
+        await asyncio.sleep(0.05)
+
+        with pytest.raises(RateLimited) as refused:
+            await pool.run(time.sleep, 0, owner="org_a")
+        assert refused.value.details["reason"] == "math_pool_busy"
+        await pool.run(time.sleep, 0, owner="org_b")  # another organization still gets in
+        await asyncio.gather(*mine)
+        await pool.run(time.sleep, 0, owner="org_a")  # and the share comes back
+    finally:
+        await pool.close()
+
+
 async def test_a_quick_job_does_not_wait_behind_heavy_ones():
     pool = MathPool(workers=2, queue=8, time_limit=5.0)
     try:
