@@ -4,3 +4,8 @@
 -- use an index.
 CREATE INDEX uploads_pending_idx ON uploads (org_id, (coalesce(device_id, '')))
     WHERE consumed_at IS NULL;
+
+-- The storage collector's two scans of stale upload rows (sql/queries/storage_gc.sql,
+-- delete_stale_uploads): unused ones by expiry, used ones by the time of use.
+CREATE INDEX uploads_unused_expiry_idx ON uploads (expires_at) WHERE consumed_at IS NULL;
+CREATE INDEX uploads_used_idx ON uploads (consumed_at) WHERE consumed_at IS NOT NULL;

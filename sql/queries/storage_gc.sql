@@ -1,14 +1,24 @@
 -- name: delete_stale_uploads
 -- Delete upload rows that expired unused, or were used long enough ago, recording their keys to delete; several processes take disjoint rows.
-WITH stale AS (
+-- (Two scans, each an index range: unused ones by expiry, used ones by use; one scan
+-- ordered by expiry walked every upload used within the keep window on every pass.)
+WITH unused AS (
     SELECT id FROM uploads
-    WHERE expires_at < now() - make_interval(secs => %(grace_seconds)s)
-      AND (consumed_at IS NULL OR consumed_at < now() - make_interval(secs => %(used_keep_seconds)s))
+    WHERE consumed_at IS NULL AND expires_at < now() - make_interval(secs => %(grace_seconds)s)
     ORDER BY expires_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
+), used AS (
+    SELECT id FROM uploads
+    WHERE consumed_at < now() - make_interval(secs => %(used_keep_seconds)s)
+      AND expires_at < now() - make_interval(secs => %(grace_seconds)s)
+    ORDER BY consumed_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
 ), gone AS (
-    DELETE FROM uploads AS u USING stale WHERE u.id = stale.id RETURNING u.object_key
+    DELETE FROM uploads AS u
+    WHERE u.id IN (SELECT id FROM unused UNION ALL SELECT id FROM used)
+    RETURNING u.object_key
 ), doomed AS (
     INSERT INTO doomed_objects (object_key, reason)
     SELECT object_key, 'upload' FROM gone
