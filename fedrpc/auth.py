@@ -178,6 +178,11 @@ class Authenticator:
         flight = self._flights.get(token)
         if flight is None:  # else this token's lookup is running: its answer serves this call
             wait = self.lookup_limiter.take(client)
+            wider = wider_key(client)
+            if wait <= 0 and wider is not None:
+                # An IPv6 /48 is cheap to get: its /64s together earn SITE_SHARE budgets,
+                # not 65,536 of them.
+                wait = self.lookup_limiter.take(wider, 1 / SITE_SHARE)
             if wait > 0:
                 raise RateLimited(
                     "too many token lookups from this address; retry later",
@@ -203,6 +208,8 @@ class Authenticator:
             self.unknown.add(token, now)
             return None
         self.lookup_limiter.refund(client)
+        if (wider := wider_key(client)) is not None:
+            self.lookup_limiter.refund(wider, 1 / SITE_SHARE)
         if epoch != self._epoch or principal.kind == "enroll":
             return principal  # a revocation ran meanwhile, or a key checked on every use
         self._cache.pop(header, None)  # re-inserted last: the dict's order is its age
@@ -330,6 +337,18 @@ def client_key(address: str | None) -> str:
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
+
+
+# How many /64 budgets of lookups one IPv6 /48 (a site) may use together.
+SITE_SHARE = 8
+
+
+def wider_key(key: str) -> str | None:
+    """The /48 an IPv6 client key (a /64, from ``client_key``) belongs to; None otherwise."""
+    if not key.endswith("/64"):
+        return None
+    ip = ipaddress.IPv6Address(key[:-3])
+    return f"{ipaddress.IPv6Address(int(ip) >> 80 << 80)}/48"
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -298,6 +298,25 @@ async def test_lookups_that_find_their_token_are_given_back(make_client):
     assert len(client.app[SERVICES].auth.lookup_limiter) == 1
 
 
+async def test_the_64s_of_one_ipv6_48_share_a_bounded_lookup_budget(make_client, statement_log):
+    # A /48 is cheap to get: cycling its 65,536 /64s must not multiply the lookup budget.
+    from fedrpc.auth import SITE_SHARE
+
+    client = await make_client(
+        trusted_proxies="127.0.0.1", token_lookup_burst=2, token_lookups_per_second=0.01
+    )
+    await statement_log.settle()
+    looked_up = 0
+    for i in range(40):
+        forwarded = {"X-Forwarded-For": f"2001:db8:7:{i:x}::1"}
+        status, _ = await post(client, PING, {**bearer(unknown_token()), **forwarded})
+        looked_up += status == 401
+    assert looked_up == 2 * SITE_SHARE  # the /48 earns SITE_SHARE budgets of 2, not 40
+    # Another site keeps its own budget.
+    other = {"X-Forwarded-For": "2001:db8:8::1"}
+    assert (await post(client, PING, {**bearer(unknown_token()), **other}))[0] == 401
+
+
 # -- every structure is bounded -----------------------------------------------------------------
 
 

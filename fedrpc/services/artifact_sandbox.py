@@ -32,6 +32,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -42,9 +43,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -59,6 +60,7 @@ from fedrpc.services.artifact_worker import Job, Request, Verdict
 
 __all__ = ["SANDBOX", "ArtifactSandbox", "MadeVersion", "SandboxLimits", "configure"]
 
+T = TypeVar("T")
 log = logging.getLogger("fedrpc.services.artifact_sandbox")
 
 #: The validator process's imports and warm-up (about 8 s here), allowed on a slow machine.
@@ -250,6 +252,12 @@ class ArtifactSandbox:
         return await loop.run_in_executor(
             self._executor, self.check_bundle, weights, encoding, onnx, program, limits, owner
         )
+
+    async def in_own_threads(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``fn`` (which waits for a sandbox job) on the sandbox's threads: a job may wait up
+        to its limit and more, and the default pool carries every S3 call."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
     def make_version(
         self,

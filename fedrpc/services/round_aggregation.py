@@ -33,6 +33,7 @@ from fedrpc.fl import InvalidInput
 from fedrpc.fl.aggregate import check_strategy
 from fedrpc.fl.metrics import version_metrics
 from fedrpc.fl.tensors import decode_state_dict, encode_safetensors, manifest_from_json
+from fedrpc.services.artifact_sandbox import SANDBOX
 from fedrpc.services.policy import (
     check_federation_round,
     check_round_mix,
@@ -280,7 +281,7 @@ async def _aggregate_claimed(
     # The graphs are made on one worker thread while the weights are encoded on
     # another and written: their objects do not wait for the ONNX model.
     graphs = asyncio.ensure_future(
-        asyncio.to_thread(
+        SANDBOX.in_own_threads(
             export_graphs,
             program_bytes,
             base.program_sha256,
