@@ -154,6 +154,23 @@ class _KeyRow(msgspec.Struct):
     object_key: str
 
 
+def bench_settings(pg_url: str, s3) -> Any:
+    """A server's settings for a bench: fresh services, no rate limit, no background
+    aggregation behind the bench's back, quiet logs."""
+    from fedrpc.settings import Settings
+
+    return Settings(
+        database_url=pg_url,
+        s3_endpoint=s3.endpoint,
+        s3_access_key=s3.access_key,
+        s3_secret_key=s3.secret_key,
+        rate_limit_per_second=1e9,
+        rate_limit_burst=1_000_000_000,
+        background_interval_seconds=3600.0,
+        log_level="WARNING",
+    )
+
+
 @contextlib.asynccontextmanager
 async def stack(pg_url: str, s3) -> AsyncIterator[Stack]:
     """The server (in this process) on fresh services, with an org."""
@@ -162,20 +179,9 @@ async def stack(pg_url: str, s3) -> AsyncIterator[Stack]:
     from fedrpc.admin import create_org
     from fedrpc.app import SERVICES, create_app
     from fedrpc.db import migrate
-    from fedrpc.settings import Settings
 
     await migrate(pg_url)
-    settings = Settings(
-        database_url=pg_url,
-        s3_endpoint=s3.endpoint,
-        s3_access_key=s3.access_key,
-        s3_secret_key=s3.secret_key,
-        rate_limit_per_second=1e9,
-        rate_limit_burst=1_000_000_000,
-        background_interval_seconds=3600.0,  # no automatic aggregation behind the bench's back
-        log_level="WARNING",
-    )
-    app = create_app(settings)
+    app = create_app(bench_settings(pg_url, s3))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()

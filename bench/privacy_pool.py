@@ -119,6 +119,7 @@ async def run_load(server: Server, federation_id: str, plan: list[list[dict]]) -
 
 
 async def measure(args: argparse.Namespace, pg_url: str, s3) -> list[list[str]]:
+    from _e2e_setup import bench_settings
     from aiohttp import web
 
     from fedrpc.admin import create_org
@@ -126,20 +127,9 @@ async def measure(args: argparse.Namespace, pg_url: str, s3) -> list[list[str]]:
     from fedrpc.db import migrate
     from fedrpc.fl.privacy import RoundCharge, clear_cache
     from fedrpc.services.privacy_budget import charge_round
-    from fedrpc.settings import Settings
 
     await migrate(pg_url)
-    settings = Settings(
-        database_url=pg_url,
-        s3_endpoint=s3.endpoint,
-        s3_access_key=s3.access_key,
-        s3_secret_key=s3.secret_key,
-        rate_limit_per_second=1e9,
-        rate_limit_burst=1_000_000_000,
-        background_interval_seconds=3600.0,
-        log_level="WARNING",
-    )
-    app = create_app(settings)
+    app = create_app(bench_settings(pg_url, s3))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
